@@ -1,0 +1,13 @@
+"""DenseNet models: modules, the paper's named variants and `create_model`."""
+
+from densenet_jax.models.densenet import DenseBlock
+from densenet_jax.models.densenet import DenseLayer
+from densenet_jax.models.densenet import DenseNet
+from densenet_jax.models.densenet import Transition
+from densenet_jax.models.densenet import min_image_size
+from densenet_jax.models.variants import CIFAR_MODELS
+from densenet_jax.models.variants import IMAGENET_MODELS
+from densenet_jax.models.variants import MODEL_FIELDS
+from densenet_jax.models.variants import MODEL_NAMES
+from densenet_jax.models.variants import create_model
+from densenet_jax.models.variants import densenet_cifar

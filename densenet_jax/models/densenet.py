@@ -1,0 +1,288 @@
+"""DenseNet building blocks: dense layers, dense blocks, transitions and the network.
+
+Huang, Liu, van der Maaten, Weinberger, "Densely Connected Convolutional Networks" (CVPR 2017).
+Every layer of a dense block receives the feature maps of all preceding layers of the block,
+*concatenated* (never added), and contributes `growth_rate` new maps. Names follow the paper:
+`growth_rate` (k), `bottleneck` and `bn_size` (the "-B" variant: a 1x1 convolution to
+`bn_size * k` maps before each 3x3 convolution), `compression` (theta, the "-C" variant).
+
+All images are `[batch, height, width, channels]`.
+"""
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from densenet_jax.models import efficient
+
+Array = jax.Array
+Dtype = Any
+
+STEMS = ('imagenet', 'cifar')
+
+# He normal initialisation with fan_out, as the official Torch implementation of the paper
+# (and fb.resnet.torch, which it builds on) initialises convolutions:
+# std = sqrt(2 / (kernel_h * kernel_w * out_channels)). fan_out rather than fan_in keeps the
+# variance of the *backward* signal constant, which matters more than the forward one in a
+# network whose early feature maps feed every later layer of their block.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _bn_relu(x: Array, train: bool, name: str, epsilon: float, momentum: float,
+             dtype: Dtype) -> Array:
+  """BatchNorm then ReLU: the pre-activation before every convolution. Call inside compact."""
+  x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=momentum,
+      epsilon=epsilon,
+      dtype=dtype,
+      name=name,
+  )(x)
+  return nn.relu(x)
+
+
+def _conv(features: int, size: int, dtype: Dtype, name: str, strides: int = 1,
+          padding: Optional[int] = None) -> nn.Conv:
+  """A bias-free convolution with PyTorch-style symmetric padding (size // 2 by default)."""
+  pad = size // 2 if padding is None else padding
+  return nn.Conv(
+      features,
+      (size, size),
+      strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)),
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=dtype,
+      name=name,
+  )
+
+
+class DenseLayer(nn.Module):
+  """One layer of a dense block: [BN-ReLU-Conv1x1] then BN-ReLU-Conv3x3 to `growth_rate` maps.
+
+  The layer takes the *list* of feature maps produced so far in its block rather than their
+  concatenation, so that the memory-efficient mode can rebuild the concatenation in the backward
+  pass instead of storing it (Pleiss et al., "Memory-Efficient Implementation of DenseNets").
+
+  Attributes:
+    growth_rate: k, the number of feature maps this layer adds.
+    bn_size: the bottleneck 1x1 convolution produces `bn_size * growth_rate` maps.
+    bottleneck: whether to use the 1x1 bottleneck (DenseNet-B); without it the layer is
+      BN-ReLU-Conv3x3 on the concatenated input.
+    dropout_rate: dropout after each convolution of the layer (the paper's placement).
+    memory_efficient: recompute concatenation, first BN, ReLU and first convolution in the
+      backward pass instead of storing them.
+  """
+
+  growth_rate: int
+  bn_size: int = 4
+  bottleneck: bool = True
+  dropout_rate: float = 0.0
+  memory_efficient: bool = False
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: Sequence[Array], train: bool) -> Array:
+    first_out = self.bn_size * self.growth_rate if self.bottleneck else self.growth_rate
+    first_size = 1 if self.bottleneck else 3
+    if self.memory_efficient:
+      y = efficient.concat_bn_relu_conv(
+          features, out_features=first_out, kernel_size=first_size, train=train,
+          epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
+          kernel_init=conv_kernel_init, norm_name='norm1', conv_name='conv1',
+          initializing=self.is_initializing())
+    else:
+      x = jnp.concatenate(features, axis=-1)
+      x = _bn_relu(x, train, 'norm1', self.bn_epsilon, self.bn_momentum, self.dtype)
+      y = _conv(first_out, first_size, self.dtype, name='conv1')(x)
+    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    if self.bottleneck:
+      y = _bn_relu(y, train, 'norm2', self.bn_epsilon, self.bn_momentum, self.dtype)
+      y = _conv(self.growth_rate, 3, self.dtype, name='conv2')(y)
+      y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return y
+
+
+class DenseBlock(nn.Module):
+  """`num_layers` dense layers; each sees the concatenation of the block input and all earlier
+  layers' outputs. Returns that concatenation, with `in + num_layers * growth_rate` maps."""
+
+  num_layers: int
+  growth_rate: int
+  bn_size: int = 4
+  bottleneck: bool = True
+  dropout_rate: float = 0.0
+  memory_efficient: bool = False
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    features = [x]
+    for i in range(self.num_layers):
+      y = DenseLayer(
+          growth_rate=self.growth_rate,
+          bn_size=self.bn_size,
+          bottleneck=self.bottleneck,
+          dropout_rate=self.dropout_rate,
+          memory_efficient=self.memory_efficient,
+          bn_epsilon=self.bn_epsilon,
+          bn_momentum=self.bn_momentum,
+          dtype=self.dtype,
+          name=f'layer{i + 1}',
+      )(features, train)
+      features.append(y)
+    return jnp.concatenate(features, axis=-1)
+
+
+class Transition(nn.Module):
+  """Between dense blocks: BN-ReLU-Conv1x1 to `out_features` maps, then 2x2 average pooling."""
+
+  out_features: int
+  dropout_rate: float = 0.0
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool) -> Array:
+    x = _bn_relu(x, train, 'norm', self.bn_epsilon, self.bn_momentum, self.dtype)
+    x = _conv(self.out_features, 1, self.dtype, name='conv')(x)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class DenseNet(nn.Module):
+  """A DenseNet for ImageNet-style or CIFAR-style inputs.
+
+  Attributes:
+    block_sizes: number of dense layers in each dense block, e.g. (6, 12, 24, 16).
+    growth_rate: k, maps added by each dense layer.
+    bn_size: bottleneck width multiplier (the paper uses 4, i.e. 4k maps).
+    compression: theta in (0, 1]; a transition outputs floor(theta * C) maps.
+    bottleneck: use BN-ReLU-Conv1x1 before each 3x3 convolution (DenseNet-B).
+    num_init_features: maps produced by the stem; None means 2 * growth_rate.
+    stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or 'cifar' (one 3x3 conv).
+    dropout_rate: dropout after every convolution except the stem's, as in the paper.
+    num_classes: size of the classifier.
+    bn_epsilon: BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5).
+    bn_momentum: BatchNorm running-average decay in Flax's convention (torchvision's
+      momentum 0.1 is 0.9 here).
+    dtype: computation dtype (float32 or bfloat16); parameters are always float32.
+    memory_efficient: recompute each layer's concatenation, BN, ReLU and first convolution
+      in the backward pass so that stored activations grow linearly with depth.
+  """
+
+  block_sizes: Sequence[int]
+  growth_rate: int
+  bn_size: int = 4
+  compression: float = 1.0
+  bottleneck: bool = True
+  num_init_features: Optional[int] = None
+  stem: str = 'imagenet'
+  dropout_rate: float = 0.0
+  num_classes: int = 1000
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+  memory_efficient: bool = False
+
+  def __post_init__(self):
+    validate_fields(self)
+    super().__post_init__()
+
+  @property
+  def stem_features(self) -> int:
+    if self.num_init_features is not None:
+      return self.num_init_features
+    return 2 * self.growth_rate
+
+  @nn.compact
+  def __call__(self, images: Array, train: bool = False) -> Array:
+    """Maps images [batch, height, width, channels] to float32 logits [batch, num_classes]."""
+    common = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum, dtype=self.dtype)
+    x = jnp.asarray(images, self.dtype)
+    if self.stem == 'imagenet':
+      x = _conv(self.stem_features, 7, self.dtype, name='stem_conv', strides=2)(x)
+      x = _bn_relu(x, train, 'stem_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = _conv(self.stem_features, 3, self.dtype, name='stem_conv')(x)
+    channels = self.stem_features
+    for i, num_layers in enumerate(self.block_sizes):
+      x = DenseBlock(
+          num_layers=num_layers,
+          growth_rate=self.growth_rate,
+          bn_size=self.bn_size,
+          bottleneck=self.bottleneck,
+          dropout_rate=self.dropout_rate,
+          memory_efficient=self.memory_efficient,
+          name=f'block{i + 1}',
+          **common,
+      )(x, train)
+      channels += num_layers * self.growth_rate
+      if i + 1 < len(self.block_sizes):
+        channels = int(self.compression * channels)
+        x = Transition(channels, self.dropout_rate, name=f'transition{i + 1}', **common)(
+            x, train)
+    x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype,
+                 name='classifier')(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+def validate_fields(model: DenseNet) -> None:
+  """Raises ValueError naming the first field of `model` that cannot build a DenseNet."""
+
+  def fail(field: str, expected: str):
+    raise ValueError(
+        f'DenseNet field {field}={getattr(model, field)!r}: expected {expected}.')
+
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  sizes = model.block_sizes
+  if (not isinstance(sizes, (list, tuple)) or not sizes
+      or not all(is_int(n) and n > 0 for n in sizes)):
+    fail('block_sizes', 'a non-empty sequence of positive integers, e.g. (6, 12, 24, 16)')
+  if not is_int(model.growth_rate) or model.growth_rate <= 0:
+    fail('growth_rate', 'a positive integer')
+  if not is_int(model.bn_size) or model.bn_size <= 0:
+    fail('bn_size', 'a positive integer')
+  if not isinstance(model.compression, (int, float)) or not 0 < model.compression <= 1:
+    fail('compression', 'a number in (0, 1]')
+  if model.num_init_features is not None and (
+      not is_int(model.num_init_features) or model.num_init_features <= 0):
+    fail('num_init_features', 'a positive integer or None (for 2 * growth_rate)')
+  if model.stem not in STEMS:
+    fail('stem', f'one of {STEMS}')
+  if not isinstance(model.dropout_rate, (int, float)) or not 0 <= model.dropout_rate < 1:
+    fail('dropout_rate', 'a number in [0, 1)')
+  if not is_int(model.num_classes) or model.num_classes <= 0:
+    fail('num_classes', 'a positive integer')
+  if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:
+    fail('bn_epsilon', 'a positive number')
+  if not isinstance(model.bn_momentum, (int, float)) or not 0 <= model.bn_momentum < 1:
+    fail('bn_momentum', 'a number in [0, 1) (Flax convention: 0.9 is torchvision 0.1)')
+  if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                    jnp.dtype(jnp.float16)):
+    fail('dtype', 'float32, bfloat16 or float16')
+  channels = model.num_init_features or 2 * model.growth_rate
+  for i, n in enumerate(sizes[:-1]):
+    channels = int(model.compression * (channels + n * model.growth_rate))
+    if channels == 0:
+      fail('compression', f'a value that leaves transition {i + 1} at least one feature map')
+
+
+def min_image_size(model: DenseNet) -> int:
+  """Smallest input height/width that survives every down-sampling of `model` (1x1 at the end)."""
+  factor = 2 ** (len(model.block_sizes) - 1)
+  if model.stem == 'imagenet':
+    factor *= 4
+  return factor

@@ -1,0 +1,64 @@
+"""Prints a model's stages, output shapes and parameter counts without running it.
+
+    python -m densenet_jax.summary --model=densenet121
+    python -m densenet_jax.summary --model=densenet_bc --depth=250 --growth_rate=24
+"""
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from densenet_jax.models import create_model
+
+_MODEL = flags.DEFINE_string('model', 'densenet121', 'A create_model name.')
+_DEPTH = flags.DEFINE_integer('depth', None, 'Depth L, for CIFAR models.')
+_GROWTH = flags.DEFINE_integer('growth_rate', None, 'Growth rate k override.')
+_IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Input size (224 ImageNet, 32 CIFAR).')
+
+
+def _stage_order(name: str):
+  """Forward order: stem, block1, transition1, block2, ..., final_norm, classifier."""
+  for prefix, rank in (('stem', 0), ('block', 1), ('transition', 1), ('final', 2),
+                       ('classifier', 3)):
+    if name.startswith(prefix):
+      index = name[len(prefix):]
+      return (rank, int(index) if index.isdigit() else 0, prefix == 'transition', name)
+  return (4, 0, False, name)
+
+
+def summarize(model, image_size: int) -> str:
+  """A markdown table: one row per stage (stem, blocks, transitions, head) of `model`."""
+  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=['intermediates']),
+      variables, images)
+  outputs = state['intermediates']
+  params = variables['params']
+  lines = ['| stage | output [batch, height, width, channels] | parameters |', '|---|---|---|']
+  total = 0
+  for name in sorted(params, key=_stage_order):
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params[name]))
+    total += n
+    lines.append(f'| {name} | {tuple(outputs[name]["__call__"][0].shape)} | {n:,} |')
+  lines.append(f'| **total** | logits {(1, model.num_classes)} | **{total:,}** |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  overrides = {}
+  if _DEPTH.value is not None:
+    overrides['depth'] = _DEPTH.value
+  if _GROWTH.value is not None:
+    overrides['growth_rate'] = _GROWTH.value
+  model = create_model(_MODEL.value, **overrides)
+  size = _IMAGE_SIZE.value or (224 if model.stem == 'imagenet' else 32)
+  print(f'{_MODEL.value}: {model}\n')
+  print(summarize(model, size))
+
+
+if __name__ == '__main__':
+  app.run(main)

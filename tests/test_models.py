@@ -1,0 +1,189 @@
+"""The model family: the paper's parameter counts, shapes, validation, modes and dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from densenet_jax import models
+from densenet_jax.models import create_model
+
+# Parameter counts of the paper's models (ImageNet heads 1000 classes, CIFAR heads 10); the
+# ImageNet ones equal torchvision's.
+PARAM_COUNTS = {
+    'densenet121': 7_978_856,
+    'densenet161': 28_681_000,
+    'densenet169': 14_149_480,
+    'densenet201': 20_013_928,
+    'densenet264': 33_337_704,
+    'densenet40_k12': 1_019_722,
+    'densenet100_k12': 6_979_642,
+    'densenet100_k24': 27_249_082,
+    'densenet_bc100_k12': 769_162,
+    'densenet_bc250_k24': 15_324_406,
+    'densenet_bc190_k40': 25_624_430,
+}
+
+
+def abstract_variables(model, image_size, batch=2):
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), images), images
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+def test_parameter_count_and_output_shape(name):
+  model = create_model(name)
+  size = 224 if name in models.IMAGENET_MODELS else 32
+  variables, images = abstract_variables(model, size)
+  assert count(variables['params']) == PARAM_COUNTS[name]
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert logits.shape == (2, model.num_classes)
+  assert logits.dtype == jnp.float32
+
+
+def test_every_named_model_is_checked():
+  named = set(models.IMAGENET_MODELS) | set(models.CIFAR_MODELS)
+  assert named == set(PARAM_COUNTS)
+
+
+def test_imagenet_feature_map_sizes():
+  """224x224 input: stem to 56x56, transitions halve it to 7x7 before the head."""
+  model = create_model('densenet121')
+  variables, images = abstract_variables(model, 224)
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=['intermediates']),
+      variables, images)
+  inter = state['intermediates']
+  assert inter['block1']['__call__'][0].shape == (2, 56, 56, 64 + 6 * 32)
+  assert inter['transition1']['__call__'][0].shape == (2, 28, 28, 128)
+  assert inter['block4']['__call__'][0].shape == (2, 7, 7, 1024)
+
+
+def test_cifar_feature_map_sizes():
+  model = create_model('densenet_bc100_k12')
+  variables, images = abstract_variables(model, 32)
+  _, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, capture_intermediates=True, mutable=['intermediates']),
+      variables, images)
+  inter = state['intermediates']
+  assert inter['block1']['__call__'][0].shape == (2, 32, 32, 24 + 16 * 12)
+  assert inter['transition1']['__call__'][0].shape == (2, 16, 16, 108)
+  assert inter['block3']['__call__'][0].shape == (2, 8, 8, 342)
+
+
+def test_overrides_and_depth():
+  model = create_model('densenet_bc', depth=190, growth_rate=40)
+  assert count(abstract_variables(model, 32)[0]['params']) == PARAM_COUNTS['densenet_bc190_k40']
+  model = create_model('densenet121', num_classes=100, growth_rate=24, compression=0.6)
+  assert (model.num_classes, model.growth_rate, model.compression) == (100, 24, 0.6)
+  assert create_model('densenet_bc100_k12', depth=250).block_sizes == (41, 41, 41)
+  assert create_model('densenet40_k12', depth=100).block_sizes == (32, 32, 32)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(name='densenet_bc', depth=101, growth_rate=12), r'depth=101 .*\(L - 4\) divisible by 6'),
+    (dict(name='densenet_cifar', depth=41, growth_rate=12), r'divisible by 3'),
+    (dict(name='densenet_bc', depth=100), 'needs depth= and growth_rate='),
+    (dict(name='densenet122'), r"Unknown model name 'densenet122'.*densenet121"),
+    (dict(name='densenet121', growth=12), r"Unknown DenseNet field\(s\) \['growth'\].*growth_rate"),
+    (dict(name='densenet121', depth=121), 'depth applies to CIFAR models only'),
+    (dict(name='densenet121', compression=0.0), r'compression=0.0: expected a number in \(0, 1\]'),
+    (dict(name='densenet121', compression=1.5), r'compression=1.5'),
+    (dict(name='densenet121', growth_rate=0), 'growth_rate=0: expected a positive integer'),
+    (dict(name='densenet121', block_sizes=()), 'block_sizes=()'),
+    (dict(name='densenet121', stem='resnet'), "stem='resnet'"),
+    (dict(name='densenet121', dropout_rate=1.0), 'dropout_rate=1.0'),
+    (dict(name='densenet121', num_classes=0), 'num_classes=0'),
+])
+def test_clear_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    create_model(**kwargs)
+
+
+def test_initialisation():
+  """He normal (fan_out) convolutions, BN scale 1 / bias 0, zero classifier bias."""
+  model = create_model('densenet_bc', depth=16, growth_rate=8)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = variables['params']
+  kernel = params['block1']['layer1']['conv2']['kernel']  # 3x3, 32 -> 8 maps.
+  expected_std = np.sqrt(2.0 / (3 * 3 * 8))
+  assert abs(np.std(kernel) / expected_std - 1) < 0.15
+  assert np.all(params['block1']['layer1']['norm1']['scale'] == 1)
+  assert np.all(params['block1']['layer1']['norm1']['bias'] == 0)
+  assert np.all(params['classifier']['bias'] == 0)
+  assert np.all(variables['batch_stats']['final_norm']['var'] == 1)
+
+
+def tiny(**overrides):
+  return create_model('densenet_bc', depth=16, growth_rate=4, **overrides)
+
+
+def test_train_and_eval_modes():
+  """Training uses batch statistics and updates running averages; eval uses the averages."""
+  model = tiny(dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3)) * 3 + 1
+  variables = model.init(jax.random.key(0), x)
+  eval1 = model.apply(variables, x, train=False)
+  eval2 = model.apply(variables, x, train=False)
+  np.testing.assert_array_equal(eval1, eval2)  # No dropout at eval time.
+  rngs = lambda i: {'dropout': jax.random.key(i)}
+  train1, upd = model.apply(variables, x, train=True, mutable=['batch_stats'], rngs=rngs(0))
+  train2, _ = model.apply(variables, x, train=True, mutable=['batch_stats'], rngs=rngs(1))
+  assert not np.allclose(train1, train2)  # Dropout differs with the key.
+  # One update of the running mean: 0.9 * 0 + 0.1 * (batch mean of the layer's input).
+  kernel = variables['params']['stem_conv']['kernel']
+  stem_out = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(upd['batch_stats']['block1']['layer1']['norm1']['mean'],
+                             0.1 * jnp.mean(stem_out, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def _loss_and_grads(model, variables, x):
+  def loss_fn(params):
+    logits, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                              train=True, mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(logits)), (logits, upd)
+  (loss, (logits, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+  return logits, upd, grads
+
+
+@pytest.mark.parametrize('bottleneck', [True, False])
+def test_memory_efficient_equals_standard(bottleneck):
+  overrides = dict(bottleneck=bottleneck)
+  standard, efficient = tiny(**overrides), tiny(memory_efficient=True, **overrides)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  variables = standard.init(jax.random.key(0), x)
+  # Same variable tree, same initial values: checkpoints move freely between the modes.
+  efficient_vars = efficient.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(efficient_vars)
+  jax.tree.map(np.testing.assert_array_equal, variables, efficient_vars)
+
+  logits_s, upd_s, grads_s = _loss_and_grads(standard, variables, x)
+  logits_e, upd_e, grads_e = _loss_and_grads(efficient, variables, x)
+  np.testing.assert_allclose(logits_e, logits_s, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_e, grads_s)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), upd_e, upd_s)
+  np.testing.assert_allclose(efficient.apply(variables, x), standard.apply(variables, x),
+                             atol=1e-5)
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params():
+  model = tiny(dtype=jnp.bfloat16, memory_efficient=True)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  logits, upd, grads = _loss_and_grads(model, variables, x)
+  assert logits.dtype == jnp.float32
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  assert np.all(np.isfinite(logits))
+  reference = tiny().apply(variables, x)
+  np.testing.assert_allclose(model.apply(variables, x), reference, atol=0.1, rtol=0.1)
+
+
+def test_min_image_size():
+  assert models.min_image_size(create_model('densenet121')) == 32
+  assert models.min_image_size(create_model('densenet_bc100_k12')) == 4
