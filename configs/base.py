@@ -1,0 +1,113 @@
+"""The base configuration every experiment builds on; it is not run by itself.
+
+Every field can be overridden on the command line, e.g.
+    python train.py --config=configs/densenet201.py --workdir=DIR \
+        --config.model.growth_rate=24 --config.model.compression=0.5 --config.batch_size=128
+
+Values that follow from others (steps per epoch, the learning rate for the global batch, the
+number of classes) are computed by the trainer, never stored here.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base config. Experiment configs call this and override fields."""
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  # A densenet_jax.models.create_model name, e.g. 'densenet121' or 'densenet_bc100_k12'.
+  config.model.name = 'densenet121'
+  # Any DenseNet field below overrides the named model's value; None keeps the model's own.
+  # Depth L of a CIFAR DenseNet (block sizes follow from it).
+  config.model.depth = config_dict.placeholder(int)
+  # Number of dense layers in each block, e.g. (6, 12, 24, 16); ImageNet models.
+  config.model.block_sizes = config_dict.placeholder(tuple)
+  # k: feature maps added by each dense layer.
+  config.model.growth_rate = config_dict.placeholder(int)
+  # The bottleneck 1x1 convolution has bn_size * growth_rate maps.
+  config.model.bn_size = config_dict.placeholder(int)
+  # theta in (0, 1]: transitions keep floor(theta * C) maps.
+  config.model.compression = config_dict.placeholder(float)
+  # BN-ReLU-Conv1x1 before every 3x3 convolution (DenseNet-B).
+  config.model.bottleneck = config_dict.placeholder(bool)
+  # Maps produced by the stem; None: the model's default (2k, or 16 for CIFAR DenseNet).
+  config.model.num_init_features = config_dict.placeholder(int)
+  # 'imagenet' (7x7/2 conv + max pool) or 'cifar' (3x3 conv).
+  config.model.stem = config_dict.placeholder(str)
+  # Dropout after every convolution but the stem's; the paper uses 0.2 without augmentation.
+  config.model.dropout_rate = config_dict.placeholder(float)
+  # Classifier size; None: the number of classes of the dataset.
+  config.model.num_classes = config_dict.placeholder(int)
+  # BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5) and decay (Flax convention: 0.9).
+  config.model.bn_epsilon = config_dict.placeholder(float)
+  config.model.bn_momentum = config_dict.placeholder(float)
+  # Recompute concatenation + BN + ReLU + 1x1 conv in the backward pass (less memory).
+  config.model.memory_efficient = False
+
+  config.dataset = ml_collections.ConfigDict()
+  # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', 'svhn_cropped', ...), 'folder' for a
+  # directory of images ROOT/{train,test}/<class>/*.{png,jpg}, or 'sklearn_digits'.
+  config.dataset.name = 'imagenet2012'
+  # TFDS data directory or, for 'folder', ROOT. None: $TFDS_DATA_DIR or TFDS's default.
+  config.dataset.data_dir = config_dict.placeholder(str)
+  config.dataset.train_split = 'train'
+  config.dataset.eval_split = 'validation'
+  # Input resolution of the model (height = width).
+  config.dataset.image_size = 224
+  # 'imagenet': Inception-style random resized crop + flip for training, resize 256 and
+  # center crop 224 for evaluation. 'cifar': 4-pixel pad, random crop and flip (the paper's
+  # "+" augmentation) for training, the image as it is for evaluation.
+  config.dataset.preprocess = 'imagenet'
+  # Random augmentation of training images; False trains on the evaluation preprocessing.
+  config.dataset.augment = True
+  # Per-channel mean and standard deviation of pixels scaled to [0, 1] (ImageNet's).
+  config.dataset.mean = (0.485, 0.456, 0.406)
+  config.dataset.std = (0.229, 0.224, 0.225)
+  # Examples in the shuffle buffer of each process.
+  config.dataset.shuffle_buffer = 16_384
+  # Keep decoded examples in memory after the first epoch (small datasets only).
+  config.dataset.cache = False
+
+  # Global batch size, over all devices of all processes.
+  config.batch_size = 256
+  # Global batch size of evaluation; None: batch_size.
+  config.eval_batch_size = config_dict.placeholder(int)
+  # Length of training; num_train_steps > 0 overrides num_epochs.
+  config.num_epochs = 90
+  config.num_train_steps = -1
+
+  # Optimiser: SGD with Nesterov momentum and L2 weight decay, as in the paper.
+  config.optimizer = 'sgd'
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4
+  # Learning rate for a global batch of reference_batch_size; scaled linearly by the trainer.
+  config.learning_rate = 0.1
+  config.reference_batch_size = 256
+  # 'step': divide by lr_decay_factor at each epoch of lr_decay_epochs (the paper's schedule);
+  # 'cosine': cosine decay to zero. Both after warmup_epochs of linear warmup.
+  config.schedule = 'step'
+  config.lr_decay_epochs = (30, 60)
+  config.lr_decay_factor = 0.1
+  config.warmup_epochs = 0.0
+  # Label smoothing of the cross-entropy target (0: none).
+  config.label_smoothing = 0.0
+  # Clip gradients to this global norm (None: no clipping).
+  config.grad_clip_norm = config_dict.placeholder(float)
+
+  # Compute in bfloat16 with float32 parameters and optimizer state.
+  config.half_precision = False
+
+  # Logging, evaluation and checkpoints, in steps; eval_every_steps <= 0: once per epoch.
+  config.log_every_steps = 100
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 1000
+  # Checkpoints kept on disk.
+  config.keep_checkpoints = 3
+  # Only evaluate the latest checkpoint of the workdir (or init_checkpoint), then stop.
+  config.eval_only = False
+
+  config.seed = 0
+  return config

@@ -1,0 +1,212 @@
+"""`train_and_evaluate`: the training loop that `train.py` runs.
+
+Derived values (steps per epoch, the learning rate for the global batch, the number of classes)
+are computed here from the config. Everything that can be wrong with a config or dataset is
+checked before the first compilation. A run always resumes from the latest checkpoint in its
+workdir; the input position is a function of the step, so the resumed run sees exactly the
+batches, augmentations and dropout masks that the uninterrupted run would have seen.
+"""
+
+import collections
+import json
+import os
+import time
+from typing import Any, Dict, Iterator, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from densenet_jax import checkpointing
+from densenet_jax import input_pipeline
+from densenet_jax import optimization
+from densenet_jax import train_lib
+from densenet_jax import validation
+from densenet_jax.models import create_model
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """The config's DenseNet: model.name plus every model field that is not None."""
+  overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
+  if 'block_sizes' in overrides:
+    overrides['block_sizes'] = tuple(overrides['block_sizes'])
+  overrides.setdefault('num_classes', num_classes)
+  if config.half_precision:
+    overrides['dtype'] = jnp.bfloat16
+  try:
+    return create_model(config.model.name, **overrides)
+  except ValueError as e:
+    raise validation.ConfigError(f'config.model: {e}') from None
+
+
+class Plan:
+  """The numbers of a run that follow from the config and the dataset."""
+
+  def __init__(self, config, info: input_pipeline.DatasetInfo):
+    self.process_count = jax.process_count()
+    self.global_batch = config.batch_size
+    self.local_batch = config.batch_size // self.process_count
+    self.eval_global_batch = config.eval_batch_size or config.batch_size
+    self.eval_local_batch = self.eval_global_batch // self.process_count
+    self.steps_per_epoch = info.num_train_examples // self.global_batch
+    if config.num_train_steps > 0:
+      self.num_train_steps = config.num_train_steps
+    else:
+      self.num_train_steps = config.num_epochs * self.steps_per_epoch
+    self.num_eval_batches = input_pipeline.num_eval_batches(info, self.eval_global_batch)
+    self.eval_every = (config.eval_every_steps if config.eval_every_steps > 0
+                       else self.steps_per_epoch)
+
+  def input_position(self, step: int) -> Dict[str, int]:
+    epoch, batch = divmod(step, self.steps_per_epoch)
+    return {'step': step, 'epoch': epoch, 'batches_in_epoch': batch}
+
+
+def _prefetch(iterator: Iterator, mesh, size: int = 2) -> Iterator:
+  """Puts the next `size` batches on the devices while the current step runs."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(train_lib.to_global(batch, mesh))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def _train_batches(config, plan: Plan, start_step: int, mesh) -> Iterator:
+  """Global training batches from `start_step` on, epoch after epoch."""
+  epoch, skip = divmod(start_step, plan.steps_per_epoch)
+  while True:
+    yield from _prefetch(input_pipeline.train_iterator(
+        config.dataset, seed=config.seed, local_batch_size=plan.local_batch, epoch=epoch,
+        skip_batches=skip, process_index=jax.process_index(),
+        process_count=plan.process_count), mesh)
+    epoch, skip = epoch + 1, 0
+
+
+def evaluate(p_eval, state, config, plan: Plan, mesh) -> Dict[str, float]:
+  """Loss, top-1 and top-5 over the whole eval split, every example counted exactly once."""
+  batches = input_pipeline.eval_iterator(
+      config.dataset, local_batch_size=plan.eval_local_batch,
+      num_batches=plan.num_eval_batches, process_index=jax.process_index(),
+      process_count=plan.process_count)
+  totals = None
+  for batch in _prefetch(batches, mesh):
+    sums = p_eval(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'eval_loss': float(totals['loss']) / count, 'eval_top1': float(totals['top1']) / count,
+          'eval_top5': float(totals['top5']) / count, 'eval_examples': count}
+
+
+def _check_finite(history, first_step: int) -> None:
+  """Raises FloatingPointError naming the first step whose loss was NaN or infinite."""
+  losses = np.asarray(jax.device_get([m['loss'] for m in history]))
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    step = first_step + int(bad[0]) + 1
+    raise FloatingPointError(
+        f'Loss is {losses[bad[0]]} at step {step}; stopping. The last checkpoint saved before '
+        'it is intact; lower the learning rate or enable grad_clip_norm and rerun.')
+
+
+def _write_results(workdir: str, step: int, eval_metrics: Dict[str, float], config) -> None:
+  if jax.process_index() != 0:
+    return
+  results = {'step': step, **eval_metrics, 'config': config.to_dict()}
+  path = os.path.join(workdir, 'results.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(results, f, indent=2, default=str)
+  os.replace(path + '.tmp', path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json.
+
+  Args:
+    config: an experiment config (see configs/base.py).
+    workdir: where checkpoints, TensorBoard events and results.json go.
+
+  Returns:
+    The final evaluation metrics and step.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  info = input_pipeline.get_info(config.dataset)
+  model = build_model(config, info.num_classes)
+  validation.validate_run(config, model, info, jax.device_count(), jax.process_count())
+  plan = Plan(config, info)
+  schedule = optimization.learning_rate_schedule(
+      config, global_batch_size=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
+      num_train_steps=plan.num_train_steps)
+  tx = optimization.create_optimizer(config, schedule)
+  mesh = train_lib.create_mesh()
+  logging.info('Model %s: %s', config.model.name, model)
+  logging.info('%d devices in %d processes; global batch %d; %d steps per epoch; %d steps.',
+               jax.device_count(), plan.process_count, plan.global_batch,
+               plan.steps_per_epoch, plan.num_train_steps)
+
+  state, state_shardings = train_lib.create_train_state(
+      model, tx, config.seed, info.image_shape, mesh)
+  checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  if checkpointer.latest_step() is not None:
+    state, position, _ = checkpointer.restore(state)
+    if position != plan.input_position(int(state.step)):
+      raise ValueError(f'Checkpoint input position {position} does not match step '
+                       f'{int(state.step)} with this config: {plan.input_position(int(state.step))}. '
+                       'Was the batch size or dataset changed? Use a new workdir.')
+  start_step = int(state.step)
+  p_train, p_eval = train_lib.compile_steps(model, tx, schedule, config.label_smoothing,
+                                            state_shardings, mesh)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if config.eval_only:
+    eval_metrics = evaluate(p_eval, state, config, plan, mesh)
+    writer.write_scalars(start_step, eval_metrics)
+    _write_results(workdir, start_step, eval_metrics, config)
+    checkpointer.close()
+    return {'step': start_step, **eval_metrics}
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
+                          if not isinstance(v, dict)})
+
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=plan.num_train_steps, writer=writer)
+  history, history_start = [], start_step
+  eval_metrics: Optional[Dict[str, float]] = None
+  last_log = time.perf_counter()
+  step = start_step
+  batches = _train_batches(config, plan, start_step, mesh)
+  while step < plan.num_train_steps:
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      state, metrics = p_train(state, next(batches))
+    step += 1
+    history.append(metrics)
+    report_progress(step)
+    is_last = step == plan.num_train_steps
+    if step % config.log_every_steps == 0 or is_last:
+      _check_finite(history, history_start)
+      values = jax.device_get(history)
+      now = time.perf_counter()
+      summary = {f'train_{k}': float(np.mean([m[k] for m in values])) for k in values[0]}
+      summary['steps_per_sec'] = len(values) / (now - last_log)
+      summary['examples_per_sec'] = summary['steps_per_sec'] * plan.global_batch
+      writer.write_scalars(step, summary)
+      history, history_start, last_log = [], step, now
+    if step % plan.eval_every == 0 or is_last:
+      eval_metrics = evaluate(p_eval, state, config, plan, mesh)
+      writer.write_scalars(step, eval_metrics)
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      _check_finite(history, history_start)  # Never save a state that went non-finite.
+      checkpointer.save(step, state, plan.input_position(step))
+  writer.flush()
+  checkpointer.close()
+  if eval_metrics is None:  # Resumed at the final step: evaluate what was restored.
+    eval_metrics = evaluate(p_eval, state, config, plan, mesh)
+  _write_results(workdir, step, eval_metrics, config)
+  logging.info('Finished at step %d: %s', step, eval_metrics)
+  return {'step': step, **eval_metrics}

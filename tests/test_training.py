@@ -1,0 +1,209 @@
+"""The training system end to end on a tiny DenseNet-BC and scikit-learn's digits (offline)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import quickstart
+from densenet_jax import input_pipeline
+from densenet_jax import optimization
+from densenet_jax import train_lib
+from densenet_jax import trainer
+from densenet_jax.validation import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Overrides that shrink the quickstart to a few seconds: L=10 (one layer per block), k=4.
+TINY = ['--config.model.depth=10', '--config.model.growth_rate=4', '--config.batch_size=32',
+        '--config.num_train_steps=12', '--config.lr_decay_epochs=()',
+        '--config.log_every_steps=4', '--config.checkpoint_every_steps=4',
+        '--config.eval_every_steps=6', '--config.eval_batch_size=64']
+
+
+def tiny_config(**overrides):
+  config = quickstart.get_config()
+  config.model.depth = 10
+  config.model.growth_rate = 4
+  config.batch_size = 32
+  config.eval_batch_size = 64
+  config.num_train_steps = 12
+  config.lr_decay_epochs = ()
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 4
+  config.eval_every_steps = 6
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def train_py(workdir, *extra, env=None, **popen):
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
+         f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
+         *TINY, *extra]
+  full_env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+                  PYTHONPATH=ROOT)
+  full_env.update(env or {})
+  return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def run_to_end(proc, timeout=600):
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-5000:]
+  return out
+
+
+def load_params(workdir, step):
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  return ocp.StandardCheckpointer().restore(path)['params']
+
+
+def results(workdir):
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def test_train_checkpoint_evaluate_in_process(tmp_path):
+  """Trains on 8 devices, writes checkpoints, TensorBoard events and results.json."""
+  workdir = str(tmp_path / 'run')
+  out = trainer.train_and_evaluate(tiny_config(), workdir)
+  assert out['step'] == 12 and out['eval_examples'] == 360
+  res = results(workdir)
+  assert res['step'] == 12
+  assert 0 <= res['eval_top1'] <= res['eval_top5'] <= 1 and res['eval_loss'] > 0
+  assert res['config']['model']['depth'] == 10
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if s.isdigit()) == [4, 8, 12]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+  # Eval-only on the same workdir reproduces the final evaluation.
+  again = trainer.train_and_evaluate(tiny_config(eval_only=True), workdir)
+  assert again['eval_top1'] == out['eval_top1'] and again['eval_loss'] == out['eval_loss']
+
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+  """A process killed after a checkpoint and restarted ends exactly where one that ran through
+  ends: same parameters, same final metrics."""
+  straight = str(tmp_path / 'straight')
+  run_to_end(train_py(straight))
+
+  resumed = str(tmp_path / 'resumed')
+  proc = train_py(resumed, '--config.checkpoint_every_steps=2')
+  deadline = time.time() + 300
+  ckpt_dir = os.path.join(resumed, 'checkpoints')
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(s.isdigit() and int(s) >= 4
+                                       for s in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate()
+  killed_at = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  assert killed_at < 12
+  out = run_to_end(train_py(resumed, '--config.checkpoint_every_steps=2'))
+  assert 'Restored checkpoint of step' in out
+
+  a, b = load_params(straight, 12), load_params(resumed, 12)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  ra, rb = results(straight), results(resumed)
+  for key in ('step', 'eval_loss', 'eval_top1', 'eval_top5'):
+    assert ra[key] == rb[key], key
+
+
+def test_one_and_eight_devices_train_the_same(tmp_path):
+  """The same steps on a 1-device and an 8-device mesh give the same parameters: BatchNorm
+  statistics and gradients are those of the global batch either way."""
+  assert jax.device_count() == 8
+  config = tiny_config()
+  info = input_pipeline.get_info(config.dataset)
+  model = trainer.build_model(config, info.num_classes)
+  schedule = optimization.learning_rate_schedule(config, global_batch_size=32,
+                                                 steps_per_epoch=44, num_train_steps=12)
+  tx = optimization.create_optimizer(config, schedule)
+  batches = list(input_pipeline.train_iterator(config.dataset, seed=0, local_batch_size=32,
+                                               epoch=0))[:3]
+  finals = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+    state, shardings = train_lib.create_train_state(model, tx, 0, info.image_shape, mesh)
+    p_train, _ = train_lib.compile_steps(model, tx, schedule, 0.0, shardings, mesh)
+    for batch in batches:
+      state, _ = p_train(state, train_lib.to_global(batch, mesh))
+    finals.append(jax.device_get(state))
+  one, eight = finals
+  assert len(jax.tree.leaves(one.params)) > 10
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+               (one.params, one.batch_stats), (eight.params, eight.batch_stats))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_evaluate(tmp_path):
+  """Two processes on localhost with 2 CPU devices each form one run of 4 devices."""
+  workdir = str(tmp_path / 'multi')
+  port = _free_port()
+  procs = [train_py(workdir, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                    f'--process_id={i}',
+                    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+           for i in range(2)]
+  outs = [run_to_end(p) for p in procs]
+  assert '4 devices in 2 processes' in outs[0]
+  res = results(workdir)
+  assert res['step'] == 12 and res['eval_examples'] == 360
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '12'))
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(batch_size=12), r'config.batch_size=12: expected a positive multiple of the number '
+                          r'of devices \(8\)'),
+    (dict(lr_decay_epochs=(1, 5)), r'config.lr_decay_epochs=\(1, 5\): expected epochs within'),
+    (dict(**{'dataset.image_size': 2}), r'config.dataset.image_size=2: expected at least 4'),
+    (dict(**{'model.compression': 1.5}), r'config.model: .*compression=1.5'),
+    (dict(**{'model.depth': 11}), r'config.model: depth=11 does not fit DenseNet-BC'),
+    (dict(**{'model.num_classes': 5}), r'config.model.num_classes=5: expected at least the 10'),
+    (dict(schedule='linear'), r"config.schedule='linear'"),
+])
+def test_config_errors_before_compilation(tmp_path, overrides, match):
+  start = time.perf_counter()
+  with pytest.raises(ConfigError, match=match):
+    trainer.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert time.perf_counter() - start < 10  # Nothing was compiled.
+
+
+def test_nan_loss_stops_with_step(tmp_path):
+  config = tiny_config(**{'dataset.std': (1e-38,)})
+  with pytest.raises(FloatingPointError, match=r'Loss is nan at step 1\b'):
+    trainer.train_and_evaluate(config, str(tmp_path))
+
+
+def test_learning_rate_is_scaled_and_decayed():
+  config = tiny_config(learning_rate=0.1, reference_batch_size=64, lr_decay_epochs=(2, 3))
+  schedule = optimization.learning_rate_schedule(config, global_batch_size=128,
+                                                 steps_per_epoch=10, num_train_steps=40)
+  np.testing.assert_allclose([schedule(s) for s in (0, 19, 20, 29, 30, 39)],
+                             [0.2, 0.2, 0.02, 0.02, 0.002, 0.002], rtol=1e-6)
+  config = tiny_config(schedule='cosine', warmup_epochs=1.0)
+  schedule = optimization.learning_rate_schedule(config, global_batch_size=64,
+                                                 steps_per_epoch=10, num_train_steps=40)
+  np.testing.assert_allclose([schedule(0), schedule(5), schedule(10), schedule(40)],
+                             [0.0, 0.05, 0.1, 0.0], atol=1e-6)

@@ -1,0 +1,53 @@
+"""Trains and evaluates a DenseNet: `python train.py --config=configs/FILE.py --workdir=DIR`.
+
+Any config field can be overridden, e.g. `--config.model.growth_rate=24 --config.batch_size=128`.
+A run resumes from the latest checkpoint in its workdir. Several processes (hosts) are joined
+automatically on TPU pods, SLURM and MPI, or with --coordinator_address, --num_processes and
+--process_id.
+"""
+
+import logging as py_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from densenet_jax import distributed
+from densenet_jax import trainer
+from densenet_jax import validation
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, results.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes-1.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _OnlyOrbaxWarnings(py_logging.Filter):
+  """Orbax logs every file it writes at INFO level; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  logging.info('Config:\n%s', _CONFIG.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except validation.ConfigError as e:
+    # A mistake in the config: the message names the field; a traceback would only bury it.
+    logging.error('%s', e)
+    sys.exit(f'Config error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
