@@ -6,10 +6,14 @@ grows quadratically with depth. Here each layer stores only references to the fe
 was given (which are shared by all layers of the block, so they cost linear memory in total) and
 rebuilds the concatenation, BatchNorm, ReLU and first convolution during the backward pass.
 
-Why not `nn.remat`/`jax.checkpoint`: XLA merges the recomputation back into the forward pass
-(common-subexpression elimination after its optimisation barriers are lowered away on CPU), so
-the plain checkpoint saves nothing there. A `jax.custom_vjp` whose backward recomputation
-depends on the incoming cotangent cannot be hoisted into the forward pass by any compiler pass.
+Why not `nn.remat`/`jax.checkpoint`: XLA:CPU removes the optimisation barriers that
+`jax.checkpoint` inserts (its `cse_barrier_expander` pass) before common-subexpression
+elimination, which then merges the recomputation back into the forward pass: the plain
+checkpoint saves nothing there (measured: the same temporary memory with every policy). A
+`jax.custom_vjp` whose backward recomputation depends on the incoming cotangent cannot be merged
+into or hoisted to the forward pass by any compiler pass. One consequence: a NaN or infinite
+cotangent makes this layer's whole input gradient NaN, which only happens once training has
+diverged (and the trainer stops on a non-finite loss).
 
 The variables are declared under the same names and shapes as `nn.BatchNorm` and `nn.Conv`, so
 a checkpoint of the standard model restores into the memory-efficient one and vice versa.
@@ -23,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from densenet_jax.models import ops
+
 Array = jax.Array
 
 
@@ -31,6 +37,8 @@ def _normalize_relu_conv(pieces, mean, var, scale, bias, kernel, *, epsilon, pad
   x = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in pieces], axis=-1)
   mul = scale * lax.rsqrt(var + epsilon)
   y = nn.relu((x - mean) * mul + bias).astype(dtype)
+  if kernel.shape[:2] == (1, 1):
+    return ops.pointwise(y, kernel.astype(dtype))
   return lax.conv_general_dilated(
       y, kernel.astype(dtype), (1, 1), padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -50,11 +58,15 @@ def _recomputed_fwd(pieces, mean, var, scale, bias, kernel, epsilon, padding, dt
 
 
 def _recomputed_bwd(epsilon, padding, dtype, residuals, g):
-  # Tie the recomputation to the cotangent so that no compiler pass can move it (or merge it
-  # with the identical forward computation) ahead of the backward pass.
-  residuals, g = lax.optimization_barrier((residuals, g))
+  pieces, *rest = residuals
+  # Make the recomputation depend on the cotangent: adding 0 * g[0] (which XLA may not fold,
+  # since 0 * NaN is NaN) gives its inputs values the forward pass never had, so no compiler
+  # pass can merge it back into the forward pass or hoist it there. An optimisation barrier
+  # does not do this on CPU: XLA's cse_barrier_expander removes barriers before CSE runs.
+  zero = 0.0 * g.ravel()[0]
+  pieces = tuple(p + zero.astype(p.dtype) for p in pieces)
   f = functools.partial(_normalize_relu_conv, epsilon=epsilon, padding=padding, dtype=dtype)
-  _, vjp = jax.vjp(f, *residuals)
+  _, vjp = jax.vjp(f, pieces, *rest)
   return vjp(g)
 
 
