@@ -15,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from densenet_jax import distributed
+from densenet_jax import run_guard
 from densenet_jax import trainer
 from densenet_jax import validation
 
@@ -43,7 +44,7 @@ def main(argv):
   logging.info('Config:\n%s', _CONFIG.value)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except validation.ConfigError as e:
+  except (validation.ConfigError, run_guard.WorkdirInUseError) as e:
     # A mistake in the config: the message names the field; a traceback would only bury it.
     logging.error('%s', e)
     sys.exit(f'Config error: {e}')

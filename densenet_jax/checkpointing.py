@@ -1,77 +1,147 @@
 """Orbax checkpoints of the whole train state and the input position, under WORKDIR/checkpoints.
 
 One checkpoint is one step: the train state (step, params, batch statistics, optimizer state,
-RNG) saved and restored as a unit, beside a small JSON record of where the input pipeline stood
+RNG) saved and restored as a unit, beside two small JSON records: where the input pipeline stood
 (epoch and batches already consumed in it), so that a resumed run continues with the very next
-batch. Orbax writes each step into a temporary directory and renames it when complete, so a
-process killed in the middle of a write leaves the previous checkpoint as the latest one.
+batch, and the run's model description, so that a workdir is never resumed with another model.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a process
+killed in the middle of a write leaves the previous checkpoint as the latest one, and it deletes
+checkpoints beyond `keep` only after a newer one is complete. A checkpoint that is damaged all
+the same (a truncated file, a disk fault) is moved aside to WORKDIR/checkpoints_corrupt and the
+previous one is used, with a warning, instead of crashing or starting over.
 """
 
 import os
-from typing import Any, Dict, Optional, Tuple
+import shutil
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Periodic, asynchronous, keep-N checkpoints of one run."""
+  """Asynchronous, keep-N checkpoints of one run, with fallback past damaged ones."""
 
   def __init__(self, workdir: str, *, keep: int, asynchronous: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self._keep = keep
+    self._asynchronous = asynchronous
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        max_to_keep=self._keep,
         create=True,
-        enable_async_checkpointing=asynchronous,
+        enable_async_checkpointing=self._asynchronous,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=('state', 'input'))
+    return ocp.CheckpointManager(self.directory, options=options,
+                                 item_names=('state', 'input', 'run'))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
   def all_steps(self):
-    return self._manager.all_steps()
+    return sorted(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, input_position: Dict[str, int]) -> None:
+  def save(self, step: int, state: Any, input_position: Dict[str, int],
+           run_info: Dict[str, Any]) -> None:
     """Starts saving `state` at `step`; the write completes in the background."""
     self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             input=ocp.args.JsonSave(input_position),
+            run=ocp.args.JsonSave(run_info),
         ),
         force=True,
     )
 
-  def restore(self, abstract_state: Any, step: Optional[int] = None
-              ) -> Tuple[Any, Dict[str, int], int]:
-    """Restores the checkpoint at `step` (default: latest) onto `abstract_state`'s shardings.
-
-    Args:
-      abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings (or arrays), giving
-        the structure, dtypes and placement of the restored state.
-      step: which checkpoint; None for the latest.
+  def restore(self, abstract_state: Any, step: int) -> Tuple[Any, Dict, Dict]:
+    """Restores the checkpoint at `step` onto `abstract_state`'s structure and shardings.
 
     Returns:
-      (state, input_position, step).
+      (state, input_position, run_info).
+
+    Raises:
+      ValueError: if the checkpoint cannot be read or holds non-finite values.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {self.directory}.')
     restored = self._manager.restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             input=ocp.args.JsonRestore(),
+            run=ocp.args.JsonRestore(),
         ),
     )
-    logging.info('Restored checkpoint of step %d from %s', step, self.directory)
-    return restored['state'], dict(restored['input']), step
+    state = restored['state']
+    finite = all(bool(np.all(np.isfinite(x))) for x in jax.tree.leaves(
+        jax.device_get((state.params, state.batch_stats))))
+    if not finite:
+      raise ValueError('non-finite parameters or batch statistics')
+    return state, dict(restored['input']), dict(restored['run'])
+
+  def read_run_info(self, step: int) -> Dict[str, Any]:
+    """The run description saved with `step` (cheap: no arrays are read)."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
+    return dict(restored['run'])
+
+  def restore_latest_good(self, abstract_state: Any,
+                          check_run_info: Callable[[Dict[str, Any]], None]
+                          ) -> Optional[Tuple[Any, Dict, Dict, int]]:
+    """Restores the newest readable checkpoint, moving damaged newer ones aside.
+
+    Args:
+      abstract_state: structure, dtypes and shardings of the state to restore.
+      check_run_info: called with each candidate's run description before any array is read;
+        it raises if the checkpoint belongs to another run (a model that differs would
+        otherwise look like a damaged checkpoint), and that error propagates untouched.
+
+    Returns:
+      (state, input_position, run_info, step), or None when the workdir has no checkpoint.
+    """
+    for step in reversed(self.all_steps()):
+      try:
+        run_info = self.read_run_info(step)
+      except Exception as e:  # pylint: disable=broad-except
+        self._quarantine(step, e)
+        continue
+      check_run_info(run_info)
+      try:
+        state, position, run_info = self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and TensorStore raise many types for a damaged checkpoint; any failure to read
+        # this step means: do not trust it, keep it for inspection, try the previous one.
+        self._quarantine(step, e)
+        continue
+      logging.info('Restored checkpoint of step %d from %s', step, self.directory)
+      return state, position, run_info, step
+    return None
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    target = os.path.join(self.workdir, 'checkpoints_corrupt', f'{step}-{int(time.time())}')
+    logging.warning('Checkpoint %d in %s is unreadable (%s: %s); moving it to %s and '
+                    'falling back to the previous checkpoint.', step, self.directory,
+                    type(error).__name__, str(error)[:500], target)
+    self._manager.close()
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+    self._manager = self._open()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending writes (also when the run is failing: they are good states) and closes."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
+      self._manager = None

@@ -8,6 +8,7 @@ batches, augmentations and dropout masks that the uninterrupted run would have s
 """
 
 import collections
+import dataclasses
 import json
 import os
 import time
@@ -24,6 +25,7 @@ import numpy as np
 from densenet_jax import checkpointing
 from densenet_jax import input_pipeline
 from densenet_jax import optimization
+from densenet_jax import run_guard
 from densenet_jax import train_lib
 from densenet_jax import validation
 from densenet_jax.models import create_model
@@ -125,6 +127,42 @@ def _write_results(workdir: str, step: int, eval_metrics: Dict[str, float], conf
   os.replace(path + '.tmp', path)
 
 
+def model_description(model) -> Dict[str, Any]:
+  """The model's architectural fields, as JSON values, for comparison across restarts.
+
+  Compute dtype and memory_efficient are left out: they change how the same network is
+  computed, not the network, and may differ between the machines a run moves across.
+  """
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+            if f.name not in ('parent', 'name', 'dtype', 'memory_efficient')}
+  return json.loads(json.dumps(fields))
+
+
+def _restore(checkpointer, state, plan: Plan, model):
+  """The latest good checkpoint of the workdir, after checking it belongs to this run."""
+  current = model_description(model)
+
+  def check_run_info(run_info):
+    saved = run_info.get('model', {})
+    differing = [f'model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
+                 for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if differing:
+      raise validation.ConfigError(
+          f'The checkpoints in {checkpointer.directory} are of another model; refusing to '
+          f'resume with: {"; ".join(differing)}. Use a new --workdir to train this model.')
+
+  restored = checkpointer.restore_latest_good(state, check_run_info)
+  if restored is None:
+    return state
+  state, position, _, step = restored
+  expected = plan.input_position(step)
+  if position != expected:
+    raise validation.ConfigError(
+        f'Checkpoint {step} was written at input position {position}, but this config puts '
+        f'step {step} at {expected}: batch_size or the dataset changed. Use a new --workdir.')
+  return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json.
 
@@ -133,12 +171,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     workdir: where checkpoints, TensorBoard events and results.json go.
 
   Returns:
-    The final evaluation metrics and step.
+    The final step and evaluation metrics; 'preempted': True if a signal stopped the run
+    early (after saving a checkpoint to resume from).
   """
-  os.makedirs(workdir, exist_ok=True)
   info = input_pipeline.get_info(config.dataset)
   model = build_model(config, info.num_classes)
   validation.validate_run(config, model, info, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  with run_guard.WorkdirLock(workdir):
+    return _run(config, workdir, info, model)
+
+
+def _run(config, workdir, info, model) -> Dict[str, Any]:
+  """train_and_evaluate after validation, holding the workdir."""
   plan = Plan(config, info)
   schedule = optimization.learning_rate_schedule(
       config, global_batch_size=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
@@ -153,13 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   state, state_shardings = train_lib.create_train_state(
       model, tx, config.seed, info.image_shape, mesh)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if checkpointer.latest_step() is not None:
-    state, position, _ = checkpointer.restore(state)
-    if position != plan.input_position(int(state.step)):
-      raise ValueError(f'Checkpoint input position {position} does not match step '
-                       f'{int(state.step)} with this config: {plan.input_position(int(state.step))}. '
-                       'Was the batch size or dataset changed? Use a new workdir.')
+  state = _restore(checkpointer, state, plan, model)
   start_step = int(state.step)
+  run_info = {'model': model_description(model), 'dataset': config.dataset.name}
   p_train, p_eval = train_lib.compile_steps(model, tx, schedule, config.label_smoothing,
                                             state_shardings, mesh)
 
@@ -176,35 +217,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=plan.num_train_steps, writer=writer)
+  preemption = run_guard.Preemption()
   history, history_start = [], start_step
   eval_metrics: Optional[Dict[str, float]] = None
   last_log = time.perf_counter()
   step = start_step
   batches = _train_batches(config, plan, start_step, mesh)
-  while step < plan.num_train_steps:
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = p_train(state, next(batches))
-    step += 1
-    history.append(metrics)
-    report_progress(step)
-    is_last = step == plan.num_train_steps
-    if step % config.log_every_steps == 0 or is_last:
-      _check_finite(history, history_start)
-      values = jax.device_get(history)
-      now = time.perf_counter()
-      summary = {f'train_{k}': float(np.mean([m[k] for m in values])) for k in values[0]}
-      summary['steps_per_sec'] = len(values) / (now - last_log)
-      summary['examples_per_sec'] = summary['steps_per_sec'] * plan.global_batch
-      writer.write_scalars(step, summary)
-      history, history_start, last_log = [], step, now
-    if step % plan.eval_every == 0 or is_last:
-      eval_metrics = evaluate(p_eval, state, config, plan, mesh)
-      writer.write_scalars(step, eval_metrics)
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      _check_finite(history, history_start)  # Never save a state that went non-finite.
-      checkpointer.save(step, state, plan.input_position(step))
+  try:
+    while step < plan.num_train_steps:
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = p_train(state, next(batches))
+      step += 1
+      history.append(metrics)
+      report_progress(step)
+      is_last = step == plan.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
+        _check_finite(history, history_start)
+        values = jax.device_get(history)
+        now = time.perf_counter()
+        summary = {f'train_{k}': float(np.mean([m[k] for m in values])) for k in values[0]}
+        summary['steps_per_sec'] = len(values) / (now - last_log)
+        summary['examples_per_sec'] = summary['steps_per_sec'] * plan.global_batch
+        writer.write_scalars(step, summary)
+        history, history_start, last_log = [], step, now
+      if step % plan.eval_every == 0 or is_last:
+        eval_metrics = evaluate(p_eval, state, config, plan, mesh)
+        writer.write_scalars(step, eval_metrics)
+      stop = preemption.should_stop(step)
+      if step % config.checkpoint_every_steps == 0 or is_last or stop:
+        _check_finite(history, history_start)  # Never save a state that went non-finite.
+        checkpointer.save(step, state, plan.input_position(step), run_info)
+      if stop and not is_last:
+        writer.flush()
+        logging.warning('Stopped by %s after saving step %d; run the same command to resume.',
+                        preemption.reason, step)
+        return {'step': step, 'preempted': True}
+  finally:
+    preemption.close()
+    checkpointer.close()
   writer.flush()
-  checkpointer.close()
   if eval_metrics is None:  # Resumed at the final step: evaluate what was restored.
     eval_metrics = evaluate(p_eval, state, config, plan, mesh)
   _write_results(workdir, step, eval_metrics, config)

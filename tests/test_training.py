@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -58,8 +57,8 @@ def train_py(workdir, *extra, env=None, **popen):
   full_env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
                   PYTHONPATH=ROOT)
   full_env.update(env or {})
-  return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, **popen)
+  popen = dict(dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), **popen)
+  return subprocess.Popen(cmd, cwd=ROOT, env=full_env, **popen)
 
 
 def run_to_end(proc, timeout=600):
@@ -94,36 +93,6 @@ def test_train_checkpoint_evaluate_in_process(tmp_path):
   # Eval-only on the same workdir reproduces the final evaluation.
   again = trainer.train_and_evaluate(tiny_config(eval_only=True), workdir)
   assert again['eval_top1'] == out['eval_top1'] and again['eval_loss'] == out['eval_loss']
-
-
-def test_kill_and_resume_matches_uninterrupted(tmp_path):
-  """A process killed after a checkpoint and restarted ends exactly where one that ran through
-  ends: same parameters, same final metrics."""
-  straight = str(tmp_path / 'straight')
-  run_to_end(train_py(straight))
-
-  resumed = str(tmp_path / 'resumed')
-  proc = train_py(resumed, '--config.checkpoint_every_steps=2')
-  deadline = time.time() + 300
-  ckpt_dir = os.path.join(resumed, 'checkpoints')
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(s.isdigit() and int(s) >= 4
-                                       for s in os.listdir(ckpt_dir)):
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, 'the run ended before it could be killed'
-  proc.send_signal(signal.SIGKILL)
-  proc.communicate()
-  killed_at = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
-  assert killed_at < 12
-  out = run_to_end(train_py(resumed, '--config.checkpoint_every_steps=2'))
-  assert 'Restored checkpoint of step' in out
-
-  a, b = load_params(straight, 12), load_params(resumed, 12)
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-  ra, rb = results(straight), results(resumed)
-  for key in ('step', 'eval_loss', 'eval_top1', 'eval_top5'):
-    assert ra[key] == rb[key], key
 
 
 def test_one_and_eight_devices_train_the_same(tmp_path):

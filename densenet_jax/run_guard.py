@@ -1,0 +1,111 @@
+"""What keeps a long run's work safe: preemption handling and exclusive use of the workdir.
+
+TPU and cluster schedulers preempt with SIGTERM and a grace period: the run saves a checkpoint
+at the next step and exits cleanly, and the same command resumes it. Two runs writing to one
+workdir would interleave checkpoints and corrupt each other's results, so the lead process holds
+an exclusive lock on the workdir while it runs.
+"""
+
+import fcntl
+import os
+import signal
+import socket
+from typing import Optional
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+
+
+class Preemption:
+  """Tells the training loop when to save and stop because the job is being preempted.
+
+  In a single process, SIGTERM (and SIGINT, Ctrl-C) set a flag. In a multi-process run, JAX's
+  preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any host and
+  `reached_preemption_sync_point` makes every process agree on the same step, so that all of
+  them take part in the same final checkpoint.
+  """
+
+  def __init__(self):
+    self._requested: Optional[str] = None
+    self._previous = {}
+    self._multiprocess = jax.process_count() > 1
+    signals = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self._requested == name and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now.
+    self._requested = name
+    logging.warning('Received %s: saving a checkpoint at the end of this step, then exiting.',
+                    name)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to checkpoint and stop after `step`; the same answer in every process."""
+    if self._multiprocess:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self._requested = 'SIGTERM'
+      except RuntimeError:  # No preemption service (e.g. disabled): rely on local signals.
+        pass
+    return self._requested is not None
+
+  @property
+  def reason(self) -> Optional[str]:
+    return self._requested
+
+  def close(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another run is writing to this workdir."""
+
+
+class WorkdirLock:
+  """An exclusive advisory lock on WORKDIR/.lock, held by the lead process while it runs.
+
+  `flock` is released by the kernel when the process dies, even by `kill -9`, so a crashed run
+  never leaves a stale lock behind. It works on local and POSIX network filesystems; object
+  stores (gs://) have no locks, and there only the schedulers' one-job-per-workdir holds.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, '.lock')
+    self._file = None
+
+  def acquire(self) -> None:
+    if jax.process_index() != 0:
+      return  # The processes of one multi-host run are one run: the lead holds the lock.
+    f = open(self.path, 'a+')
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or 'unknown'
+      f.close()
+      raise WorkdirInUseError(
+          f'Workdir {os.path.dirname(self.path)} is in use by another run ({holder}). Wait for '
+          'it to finish, stop it, or give this run another --workdir.') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    self._file = f
+
+  def release(self) -> None:
+    if self._file is not None:
+      fcntl.flock(self._file, fcntl.LOCK_UN)
+      self._file.close()
+      self._file = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
