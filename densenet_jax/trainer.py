@@ -25,6 +25,7 @@ import numpy as np
 from densenet_jax import checkpointing
 from densenet_jax import input_pipeline
 from densenet_jax import optimization
+from densenet_jax import pretrained
 from densenet_jax import run_guard
 from densenet_jax import train_lib
 from densenet_jax import validation
@@ -138,8 +139,18 @@ def model_description(model) -> Dict[str, Any]:
   return json.loads(json.dumps(fields))
 
 
-def _restore(checkpointer, state, plan: Plan, model):
-  """The latest good checkpoint of the workdir, after checking it belongs to this run."""
+def _initialise(state, init_checkpoint: str, model):
+  """`state` with params and batch statistics from converted weights (fine-tuning, eval)."""
+  merged = pretrained.merge(pretrained.read_init_checkpoint(init_checkpoint), state.params,
+                            state.batch_stats, model)
+  shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.batch_stats))
+  params, batch_stats = jax.device_put((merged['params'], merged['batch_stats']), shardings)
+  return state.replace(params=params, batch_stats=batch_stats)
+
+
+def _restore(checkpointer, state, plan: Plan, model, init_checkpoint=None):
+  """The latest good checkpoint of the workdir, after checking it belongs to this run; for a
+  new run, the converted weights of `init_checkpoint` if given."""
   current = model_description(model)
 
   def check_run_info(run_info):
@@ -153,7 +164,7 @@ def _restore(checkpointer, state, plan: Plan, model):
 
   restored = checkpointer.restore_latest_good(state, check_run_info)
   if restored is None:
-    return state
+    return state if init_checkpoint is None else _initialise(state, init_checkpoint, model)
   state, position, _, step = restored
   expected = plan.input_position(step)
   if position != expected:
@@ -177,6 +188,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   info = input_pipeline.get_info(config.dataset)
   model = build_model(config, info.num_classes)
   validation.validate_run(config, model, info, jax.device_count(), jax.process_count())
+  if config.init_checkpoint:
+    pretrained.check_model(config.init_checkpoint, model)
   os.makedirs(workdir, exist_ok=True)
   with run_guard.WorkdirLock(workdir):
     return _run(config, workdir, info, model)
@@ -198,7 +211,7 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   state, state_shardings = train_lib.create_train_state(
       model, tx, config.seed, info.image_shape, mesh)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = _restore(checkpointer, state, plan, model)
+  state = _restore(checkpointer, state, plan, model, config.init_checkpoint)
   start_step = int(state.step)
   run_info = {'model': model_description(model), 'dataset': config.dataset.name}
   p_train, p_eval = train_lib.compile_steps(model, tx, schedule, config.label_smoothing,

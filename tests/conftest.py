@@ -6,6 +6,14 @@ import os
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+# torchvision segfaults when imported after TensorFlow (torch 2.14.1, TF 2.21.0, seen here), and
+# tensorflow_datasets imports TensorFlow: the converter tests need torch loaded first.
+try:
+  import torch  # pylint: disable=g-import-not-at-top,unused-import
+  import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+except ImportError:  # Only the converter tests use them; they skip without.
+  pass
+
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_default_matmul_precision', 'highest')

@@ -1,0 +1,280 @@
+"""Converts published DenseNet ImageNet weights to densenet_jax variables.
+
+    python -m densenet_jax.convert --source=densenet121-a639ec97.pth --model=densenet121 \
+        --output=/tmp/densenet121_tv
+    python -m densenet_jax.convert --source=model.safetensors --model=densenet121 --output=DIR
+    python -m densenet_jax.convert --source=densenet121_weights_tf_dim_ordering_tf_kernels.h5 \
+        --model=densenet121 --output=DIR
+
+Sources:
+  * torchvision (and timm's `tv_in1k`, which are torchvision's weights) state dicts: `.pth`/`.pt`
+    (needs torch) or `.safetensors` (needs only the safetensors package); current key names
+    (`denselayer1.norm1.weight`) and the legacy ones of the published torchvision files
+    (`denselayer1.norm.1.weight`). Models 121/161/169/201.
+  * Keras applications (`.h5` weights or a whole `.keras`/`.h5` model; needs keras):
+    DenseNet121/169/201. Keras uses BatchNorm epsilon 1.001e-5, so those models are built with
+    `bn_epsilon=1.001e-5`; everything else (zero-padded 7x7/2 stem, 3x3/2 max pool after ReLU,
+    2x2 average pools) computes exactly what densenet_jax computes.
+
+Both expect RGB images resized to 256 (shorter side), center-cropped to 224, scaled to [0, 1]
+and normalised with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225):
+the `imagenet` preprocessing of configs/base.py.
+
+The output directory holds `variables/` (an Orbax checkpoint of {'params', 'batch_stats'}) and
+`model.json` (model name and field overrides); `--config.init_checkpoint=DIR` starts training or
+evaluation from it.
+"""
+
+import json
+import os
+import re
+from typing import Any, Callable, Dict, Tuple
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from densenet_jax.models import create_model
+
+KERAS_EPSILON = 1.001e-5
+TORCH_MODELS = ('densenet121', 'densenet161', 'densenet169', 'densenet201')
+KERAS_MODELS = {'densenet121': 'DenseNet121', 'densenet169': 'DenseNet169',
+                'densenet201': 'DenseNet201'}
+
+# Published torchvision files name layers 'norm.1' where current code names them 'norm1'.
+_LEGACY_KEY = re.compile(
+    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|'
+    r'running_var))$')
+_TORCH_BN = {'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean', 'var': 'running_var'}
+
+
+class ConversionError(ValueError):
+  """The source file does not hold the weights of the requested model."""
+
+
+def model_overrides(source: str) -> Dict[str, Any]:
+  """DenseNet fields a source needs beyond the named model's defaults."""
+  return {'bn_epsilon': KERAS_EPSILON} if source == 'keras' else {}
+
+
+def source_kind(path: str) -> str:
+  if path.endswith(('.h5', '.keras', '.hdf5')):
+    return 'keras'
+  if path.endswith(('.pth', '.pt', '.bin', '.safetensors')):
+    return 'torchvision'
+  raise ConversionError(f'--source={path}: expected a .pth/.pt/.bin/.safetensors (torchvision, '
+                        'timm) or .h5/.keras (Keras) file.')
+
+
+def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """A torchvision/timm state dict as numpy arrays, with legacy key names updated."""
+  if not os.path.isfile(path):
+    raise ConversionError(f'Cannot read {path}: no such file.')
+  try:
+    if path.endswith('.safetensors'):
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      state = load_file(path)
+    else:
+      try:
+        import torch  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ConversionError(f'Reading {path} needs torch (pip install torch), or convert '
+                              'the .safetensors version of the weights instead.') from e
+      state = torch.load(path, map_location='cpu', weights_only=True)
+      state = state.get('state_dict', state)
+      state = {k: v.numpy() for k, v in state.items() if hasattr(v, 'numpy')}
+  except ConversionError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f'Cannot read {path} as a state dict: {type(e).__name__}: {e}') from e
+  out = {}
+  for key, value in state.items():
+    key = key[len('module.'):] if key.startswith('module.') else key
+    match = _LEGACY_KEY.match(key)
+    if match:
+      key = match.group(1) + match.group(2)
+    if not key.endswith('num_batches_tracked'):
+      out[key] = np.asarray(value)
+  return out
+
+
+def _torch_name(path: Tuple[str, ...]) -> Tuple[str, Callable]:
+  """(torchvision key, array transform) of a densenet_jax variable path."""
+  *modules, leaf = path
+  if leaf == 'kernel':
+    suffix = 'weight'
+  else:
+    suffix = _TORCH_BN.get(leaf, leaf)
+  if modules == ['classifier']:
+    return f'classifier.{suffix}', (lambda a: a.T) if leaf == 'kernel' else (lambda a: a)
+  head = modules[0]
+  if head == 'stem_conv':
+    name = 'features.conv0'
+  elif head == 'stem_norm':
+    name = 'features.norm0'
+  elif head == 'final_norm':
+    name = 'features.norm5'
+  elif head.startswith('block'):
+    name = (f'features.denseblock{head[len("block"):]}.denselayer{modules[1][len("layer"):]}.'
+            f'{modules[2]}')
+  elif head.startswith('transition'):
+    name = f'features.{head}.{modules[1]}'
+  else:
+    raise ConversionError(f'No torchvision name for {"/".join(path)}.')
+  # Convolutions: torch [out, in, h, w] -> Flax [h, w, in, out].
+  transform = (lambda a: a.transpose(2, 3, 1, 0)) if leaf == 'kernel' else (lambda a: a)
+  return f'{name}.{suffix}', transform
+
+
+def _keras_name(path: Tuple[str, ...]) -> Tuple[str, int]:
+  """(Keras layer name, index in layer.get_weights()) of a densenet_jax variable path."""
+  *modules, leaf = path
+  head = modules[0]
+  if head == 'stem_conv':
+    layer = 'conv1_conv'
+  elif head == 'stem_norm':
+    layer = 'conv1_bn'
+  elif head == 'final_norm':
+    layer = 'bn'
+  elif head == 'classifier':
+    layer = 'predictions'
+  elif head.startswith('block'):
+    stage, index = int(head[len('block'):]) + 1, modules[1][len('layer'):]
+    part = {'norm1': '0_bn', 'conv1': '1_conv', 'norm2': '1_bn', 'conv2': '2_conv'}[modules[2]]
+    layer = f'conv{stage}_block{index}_{part}'
+  elif head.startswith('transition'):
+    part = {'norm': 'bn', 'conv': 'conv'}[modules[1]]
+    layer = f'pool{int(head[len("transition"):]) + 1}_{part}'
+  else:
+    raise ConversionError(f'No Keras name for {"/".join(path)}.')
+  # Conv2D: [kernel]; Dense: [kernel, bias]; BatchNormalization: [gamma, beta, mean, var].
+  position = {'kernel': 0, 'scale': 0, 'bias': 1, 'mean': 2, 'var': 3}[leaf]
+  return layer, position
+
+
+def read_keras_weights(path: str, model_name: str, num_classes: int) -> Dict[str, list]:
+  """{layer name: layer.get_weights()} of a Keras applications DenseNet file."""
+  if model_name not in KERAS_MODELS:
+    raise ConversionError(f'--model={model_name}: Keras applications have '
+                          f'{sorted(KERAS_MODELS)} only.')
+  if not os.path.isfile(path):
+    raise ConversionError(f'Cannot read {path}: no such file.')
+  try:
+    import keras  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConversionError(f'Reading {path} needs keras (pip install keras).') from e
+  try:
+    if path.endswith('.keras'):
+      net = keras.models.load_model(path, compile=False)
+    else:
+      net = getattr(keras.applications, KERAS_MODELS[model_name])(
+          weights=None, classes=num_classes, classifier_activation=None)
+      try:
+        net.load_weights(path)
+      except Exception:  # pylint: disable=broad-except
+        net = keras.models.load_model(path, compile=False)  # A whole model saved as .h5.
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConversionError(f'Cannot read {path} as Keras {KERAS_MODELS[model_name]} weights: '
+                          f'{type(e).__name__}: {e}') from e
+  return {layer.name: layer.get_weights() for layer in net.layers if layer.get_weights()}
+
+
+def _paths(tree) -> Dict[Tuple[str, ...], Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(k.key for k in path): leaf for path, leaf in flat}
+
+
+def _unflatten(flat: Dict[Tuple[str, ...], np.ndarray]) -> Dict[str, Any]:
+  tree: Dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+  """Reads `source_path` and returns (variables, model.json contents) for `model_name`.
+
+  Raises:
+    ConversionError: unreadable file; weights of another architecture (the first variable
+      whose shapes differ is named with both shapes); missing or unexpected keys.
+  """
+  kind = source_kind(source_path)
+  if kind == 'torchvision' and model_name not in TORCH_MODELS:
+    raise ConversionError(f'--model={model_name}: torchvision has {TORCH_MODELS} only.')
+  overrides = model_overrides(kind)
+  if kind == 'keras':
+    probe = read_keras_weights(source_path, model_name, 1000)
+    num_classes = probe['predictions'][1].shape[0]
+  else:
+    state = read_torch_state_dict(source_path)
+    num_classes = state['classifier.bias'].shape[0] if 'classifier.bias' in state else 1000
+  model = create_model(model_name, num_classes=int(num_classes), **overrides)
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  flat = {}
+  used = set()
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in _paths(abstract[collection]).items():
+      if kind == 'keras':
+        layer, index = _keras_name(path)
+        if layer not in probe:
+          raise ConversionError(f'{source_path} has no Keras layer {layer!r} (for '
+                                f'{collection}/{"/".join(path)}): not Keras {model_name}?')
+        value, key = np.asarray(probe[layer][index]), f'{layer}[{index}]'
+      else:
+        key, transform = _torch_name(path)
+        if key not in state:
+          missing = sorted(_torch_name(p)[0] for p in _paths(abstract[collection])
+                           if _torch_name(p)[0] not in state)
+          raise ConversionError(f'{source_path} is missing {len(missing)} key(s) of '
+                                f'{model_name}, e.g. {missing[:5]}.')
+        value = transform(np.asarray(state[key]))
+      used.add(key)
+      if value.shape != leaf.shape:
+        raise ConversionError(
+            f'{source_path} does not hold {model_name} weights: {key} has shape {value.shape} '
+            f'where {model_name} needs {leaf.shape} ({collection}/{"/".join(path)}).')
+      flat[(collection,) + path] = value.astype(np.float32)
+  if kind == 'torchvision':
+    unexpected = sorted(set(state) - used)
+    if unexpected:
+      raise ConversionError(f'{source_path} has {len(unexpected)} key(s) that {model_name} '
+                            f'does not use, e.g. {unexpected[:5]}: another architecture?')
+  meta = {'model': model_name, 'overrides': overrides, 'num_classes': int(num_classes),
+          'source': kind, 'source_file': os.path.abspath(source_path)}
+  return _unflatten(flat), meta
+
+
+def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:
+  """Writes OUTPUT/variables (Orbax) and OUTPUT/model.json."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  output = os.path.abspath(output)
+  os.makedirs(output, exist_ok=True)
+  ocp.StandardCheckpointer().save(os.path.join(output, 'variables'), variables, force=True)
+  with open(os.path.join(output, 'model.json'), 'w') as f:
+    json.dump(meta, f, indent=2)
+
+
+_SOURCE = flags.DEFINE_string('source', None, 'Weights file (.pth, .safetensors, .h5, .keras).')
+_MODEL = flags.DEFINE_enum('model', 'densenet121', TORCH_MODELS, 'Architecture of the weights.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Directory to write the converted variables to.')
+
+
+def main(argv):
+  del argv
+  variables, meta = convert(_SOURCE.value, _MODEL.value)
+  save(variables, meta, _OUTPUT.value)
+  print(f'Wrote {meta["model"]} ({meta["source"]}, {meta["num_classes"]} classes) to '
+        f'{_OUTPUT.value}. Train or evaluate from it with --config.init_checkpoint='
+        f'{os.path.abspath(_OUTPUT.value)}' +
+        (f' --config.model.bn_epsilon={KERAS_EPSILON}' if meta['source'] == 'keras' else ''))
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['source', 'output'])
+  app.run(main)
