@@ -255,7 +255,10 @@ def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   output = os.path.abspath(output)
   os.makedirs(output, exist_ok=True)
-  ocp.StandardCheckpointer().save(os.path.join(output, 'variables'), variables, force=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(output, 'variables'), variables, force=True)
+  checkpointer.wait_until_finished()  # The save is asynchronous; the CLI must not exit before.
+  checkpointer.close()
   with open(os.path.join(output, 'model.json'), 'w') as f:
     json.dump(meta, f, indent=2)
 

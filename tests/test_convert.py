@@ -1,6 +1,8 @@
 """Converted torchvision and Keras DenseNets compute the same logits as their sources."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -84,6 +86,23 @@ def test_safetensors_and_legacy_keys_convert_identically(tmp_path, torch_densene
   for source in ('model.safetensors', 'legacy.pth'):
     variables, _ = convert.convert(str(tmp_path / source), 'densenet121')
     jax.tree.map(np.testing.assert_array_equal, variables, reference)
+
+
+def test_command_line_writes_a_loadable_checkpoint(tmp_path, torch_densenet121):
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  model, path = torch_densenet121
+  source = str(tmp_path / 'model.safetensors')
+  save_file({k: v.numpy() for k, v in model.state_dict().items()}, source)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'densenet_jax.convert', f'--source={source}',
+                         '--model=densenet121', f'--output={tmp_path / "out"}'], cwd=root,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'init_checkpoint=' in proc.stdout
+  loaded = pretrained.read_init_checkpoint(str(tmp_path / 'out'))
+  reference, _ = convert.convert(path, 'densenet121')
+  jax.tree.map(np.testing.assert_array_equal, loaded, reference)
+  assert pretrained.read_model_json(str(tmp_path / 'out'))['model'] == 'densenet121'
 
 
 def test_conversion_errors(tmp_path, torch_densenet121):
