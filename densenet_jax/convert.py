@@ -100,58 +100,62 @@ def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
   return out
 
 
+# How each source names the modules of a DenseNet: fixed modules, then templates for the layers
+# of dense blocks and for transitions ({block}: 1-based index, {stage}: block + 1, {layer},
+# {part}: the module's densenet_jax name, translated through 'parts').
+_MODULE_NAMES = {
+    'torchvision': {
+        'stem_conv': 'features.conv0', 'stem_norm': 'features.norm0',
+        'final_norm': 'features.norm5', 'classifier': 'classifier',
+        'layer': 'features.denseblock{block}.denselayer{layer}.{part}',
+        'transition': 'features.transition{block}.{part}', 'parts': {},
+    },
+    'keras': {
+        'stem_conv': 'conv1_conv', 'stem_norm': 'conv1_bn', 'final_norm': 'bn',
+        'classifier': 'predictions', 'layer': 'conv{stage}_block{layer}_{part}',
+        'transition': 'pool{stage}_{part}',
+        'parts': {'norm1': '0_bn', 'conv1': '1_conv', 'norm2': '1_bn', 'conv2': '2_conv',
+                  'norm': 'bn', 'conv': 'conv'},
+    },
+}
+
+
+def _module_name(modules, source: str) -> str:
+  """The source's name of the densenet_jax module at path `modules`."""
+  names = _MODULE_NAMES[source]
+  head = modules[0]
+  if head in names:
+    return names[head]
+  for kind, prefix, part_index in (('layer', 'block', 2), ('transition', 'transition', 1)):
+    if head.startswith(prefix):
+      block = int(head[len(prefix):])
+      part = modules[part_index]
+      layer = modules[1][len('layer'):] if kind == 'layer' else None
+      return names[kind].format(block=block, stage=block + 1, layer=layer,
+                                part=names['parts'].get(part, part))
+  raise ConversionError(f'No {source} name for {"/".join(modules)}.')
+
+
 def _torch_name(path: Tuple[str, ...]) -> Tuple[str, Callable]:
   """(torchvision key, array transform) of a densenet_jax variable path."""
   *modules, leaf = path
-  if leaf == 'kernel':
-    suffix = 'weight'
+  suffix = 'weight' if leaf == 'kernel' else _TORCH_BN.get(leaf, leaf)
+  name = _module_name(modules, 'torchvision')
+  if leaf != 'kernel':
+    transform = lambda a: a
+  elif modules == ['classifier']:
+    transform = lambda a: a.T  # Linear: torch [out, in] -> Flax [in, out].
   else:
-    suffix = _TORCH_BN.get(leaf, leaf)
-  if modules == ['classifier']:
-    return f'classifier.{suffix}', (lambda a: a.T) if leaf == 'kernel' else (lambda a: a)
-  head = modules[0]
-  if head == 'stem_conv':
-    name = 'features.conv0'
-  elif head == 'stem_norm':
-    name = 'features.norm0'
-  elif head == 'final_norm':
-    name = 'features.norm5'
-  elif head.startswith('block'):
-    name = (f'features.denseblock{head[len("block"):]}.denselayer{modules[1][len("layer"):]}.'
-            f'{modules[2]}')
-  elif head.startswith('transition'):
-    name = f'features.{head}.{modules[1]}'
-  else:
-    raise ConversionError(f'No torchvision name for {"/".join(path)}.')
-  # Convolutions: torch [out, in, h, w] -> Flax [h, w, in, out].
-  transform = (lambda a: a.transpose(2, 3, 1, 0)) if leaf == 'kernel' else (lambda a: a)
+    transform = lambda a: a.transpose(2, 3, 1, 0)  # Conv: [out, in, h, w] -> [h, w, in, out].
   return f'{name}.{suffix}', transform
 
 
 def _keras_name(path: Tuple[str, ...]) -> Tuple[str, int]:
   """(Keras layer name, index in layer.get_weights()) of a densenet_jax variable path."""
   *modules, leaf = path
-  head = modules[0]
-  if head == 'stem_conv':
-    layer = 'conv1_conv'
-  elif head == 'stem_norm':
-    layer = 'conv1_bn'
-  elif head == 'final_norm':
-    layer = 'bn'
-  elif head == 'classifier':
-    layer = 'predictions'
-  elif head.startswith('block'):
-    stage, index = int(head[len('block'):]) + 1, modules[1][len('layer'):]
-    part = {'norm1': '0_bn', 'conv1': '1_conv', 'norm2': '1_bn', 'conv2': '2_conv'}[modules[2]]
-    layer = f'conv{stage}_block{index}_{part}'
-  elif head.startswith('transition'):
-    part = {'norm': 'bn', 'conv': 'conv'}[modules[1]]
-    layer = f'pool{int(head[len("transition"):]) + 1}_{part}'
-  else:
-    raise ConversionError(f'No Keras name for {"/".join(path)}.')
   # Conv2D: [kernel]; Dense: [kernel, bias]; BatchNormalization: [gamma, beta, mean, var].
   position = {'kernel': 0, 'scale': 0, 'bias': 1, 'mean': 2, 'var': 3}[leaf]
-  return layer, position
+  return _module_name(modules, 'keras'), position
 
 
 def read_keras_weights(path: str, model_name: str, num_classes: int) -> Dict[str, list]:
