@@ -118,8 +118,8 @@ def test_initialisation():
   assert np.all(variables['batch_stats']['final_norm']['var'] == 1)
 
 
-def tiny(**overrides):
-  return create_model('densenet_bc', depth=16, growth_rate=4, **overrides)
+def tiny(depth=16, **overrides):
+  return create_model('densenet_bc', depth=depth, growth_rate=4, **overrides)
 
 
 def test_train_and_eval_modes():
@@ -151,28 +151,96 @@ def _loss_and_grads(model, variables, x):
   return logits, upd, grads
 
 
+# (memory_efficient, scan_segments): unrolled memory-efficient, and scanned blocks of 1 segment
+# (every layer padded to the block's width) and of several segments.
+IMPLEMENTATIONS = [(True, 0), (False, 1), (False, 3), (True, 2)]
+# The standard implementation: every layer unrolled, autodiff stores what it needs.
+
+
 @pytest.mark.parametrize('bottleneck', [True, False])
-def test_memory_efficient_equals_standard(bottleneck):
-  overrides = dict(bottleneck=bottleneck)
-  standard, efficient = tiny(**overrides), tiny(memory_efficient=True, **overrides)
+@pytest.mark.parametrize('memory_efficient, scan_segments', IMPLEMENTATIONS)
+def test_implementations_equal_standard(bottleneck, memory_efficient, scan_segments):
+  """Every implementation of a dense block computes the standard one's logits, gradients and
+  BatchNorm updates, from the very same variables."""
+  overrides = dict(bottleneck=bottleneck, depth=28 if bottleneck else 16)
+  standard = tiny(scan_segments=0, **overrides)
+  other = tiny(memory_efficient=memory_efficient, scan_segments=scan_segments, **overrides)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   variables = standard.init(jax.random.key(0), x)
-  # Same variable tree, same initial values: checkpoints move freely between the modes.
-  efficient_vars = efficient.init(jax.random.key(0), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(efficient_vars)
-  jax.tree.map(np.testing.assert_array_equal, variables, efficient_vars)
+  # Same variable tree, same initial values: checkpoints move freely between implementations.
+  other_vars = other.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(other_vars)
+  jax.tree.map(np.testing.assert_array_equal, variables, other_vars)
 
   logits_s, upd_s, grads_s = _loss_and_grads(standard, variables, x)
-  logits_e, upd_e, grads_e = _loss_and_grads(efficient, variables, x)
-  np.testing.assert_allclose(logits_e, logits_s, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_e, grads_s)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), upd_e, upd_s)
-  np.testing.assert_allclose(efficient.apply(variables, x), standard.apply(variables, x),
+  logits_o, upd_o, grads_o = _loss_and_grads(other, variables, x)
+  np.testing.assert_allclose(logits_o, logits_s, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_o, grads_s)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), upd_o, upd_s)
+  np.testing.assert_allclose(other.apply(variables, x), standard.apply(variables, x),
                              atol=1e-5)
 
 
-def test_bfloat16_computes_in_bfloat16_with_float32_params():
-  model = tiny(dtype=jnp.bfloat16, memory_efficient=True)
+def test_scanned_dropout():
+  """Dropout inside scanned blocks: a fresh mask per layer and key, none at eval time."""
+  model = tiny(depth=28, dropout_rate=0.5, scan_segments=2)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  run = lambda i: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(i)})[0]
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  no_dropout = tiny(depth=28, scan_segments=2)
+  np.testing.assert_allclose(model.apply(variables, x), no_dropout.apply(variables, x),
+                             atol=1e-6)
+  grads = jax.grad(lambda p: jnp.sum(model.apply(
+      {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True,
+      mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})[0]))(variables['params'])
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_segment_bounds_are_optimal():
+  """The split of a block into scanned segments covers every layer once and minimises the
+  padded width summed over layers (checked against every possible split)."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  from densenet_jax.models import scanned  # pylint: disable=g-import-not-at-top
+
+  def cost(c0, k, bounds):
+    return sum((e - s) * (c0 + (e - 1) * k) for s, e in bounds)
+
+  for c0, k, n, m in [(24, 12, 16, 3), (64, 32, 6, 2), (48, 24, 9, 4), (16, 12, 5, 9)]:
+    bounds = scanned.segment_bounds(c0, k, n, m)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) <= m
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(bounds, bounds[1:]))
+    best = min(cost(c0, k, list(zip((0,) + cuts, cuts + (n,))))
+               for r in range(min(m, n)) for cuts in itertools.combinations(range(1, n), r))
+    assert cost(c0, k, bounds) == best
+
+
+def _convolutions_in_train_program(depth, scan_segments):
+  model = create_model('densenet_bc', depth=depth, growth_rate=4, scan_segments=scan_segments)
+  images = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+
+  def loss(params, batch_stats, images):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats},
+                            images, train=True, mutable=['batch_stats'])
+    return jnp.sum(logits)
+
+  lowered = jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)
+  return lowered.as_text().count('convolution(')
+
+
+def test_scanned_program_does_not_grow_with_depth():
+  """Why compile time of the deepest models stays flat: with scanned blocks the train step's
+  program has as many convolutions for L=100 as for L=40; unrolled, it has 2.5x as many."""
+  assert _convolutions_in_train_program(100, 2) == _convolutions_in_train_program(40, 2)
+  assert _convolutions_in_train_program(100, 0) > 2 * _convolutions_in_train_program(40, 0)
+
+
+@pytest.mark.parametrize('scan_segments', [0, 2])
+def test_bfloat16_computes_in_bfloat16_with_float32_params(scan_segments):
+  model = tiny(dtype=jnp.bfloat16, memory_efficient=True, scan_segments=scan_segments)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   variables = model.init(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
@@ -193,9 +261,9 @@ def test_memory_efficient_halves_compiled_train_memory():
   """The point of the mode: XLA must not merge the recomputation back into the forward pass
   (it does so for plain jax.checkpoint on CPU), so compiled temporary memory really drops."""
 
-  def temp_bytes(memory_efficient):
+  def temp_bytes(memory_efficient, scan_segments=0):   # unrolled unless told
     model = create_model('densenet_bc', depth=40, growth_rate=12,
-                         memory_efficient=memory_efficient)
+                         memory_efficient=memory_efficient, scan_segments=scan_segments)
     images = jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), images)
 
@@ -208,4 +276,8 @@ def test_memory_efficient_halves_compiled_train_memory():
                                              images).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
-  assert temp_bytes(True) < 0.6 * temp_bytes(False)
+  standard = temp_bytes(False)
+  assert temp_bytes(True) < 0.6 * standard
+  # Scanned blocks store only each segment's final buffer (and, not memory-efficient, each
+  # layer's 1x1 output): linear in depth as well.
+  assert temp_bytes(False, scan_segments=2) < 0.6 * standard

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from densenet_jax.models import efficient
 from densenet_jax.models import ops
+from densenet_jax.models import scanned
 
 Array = jax.Array
 Dtype = Any
@@ -143,9 +144,17 @@ class DenseBlock(nn.Module):
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
+  scan_segments: int = 0
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
+    if self.scan_segments:
+      return scanned.scanned_block(
+          self, x, num_layers=self.num_layers, growth_rate=self.growth_rate,
+          bn_size=self.bn_size, bottleneck=self.bottleneck, dropout_rate=self.dropout_rate,
+          epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
+          kernel_init=conv_kernel_init, num_segments=self.scan_segments,
+          memory_efficient=self.memory_efficient, train=train)
     features = [x]
     for i in range(self.num_layers):
       y = DenseLayer(
@@ -214,6 +223,7 @@ class DenseNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
   memory_efficient: bool = False
+  scan_segments: int = 3
 
   def __post_init__(self):
     validate_fields(self)
@@ -245,6 +255,7 @@ class DenseNet(nn.Module):
           bottleneck=self.bottleneck,
           dropout_rate=self.dropout_rate,
           memory_efficient=self.memory_efficient,
+          scan_segments=self.scan_segments,
           name=f'block{i + 1}',
           **common,
       )(x, train)
@@ -287,6 +298,8 @@ def validate_fields(model: DenseNet) -> None:
     fail('stem', f'one of {STEMS}')
   if not isinstance(model.dropout_rate, (int, float)) or not 0 <= model.dropout_rate < 1:
     fail('dropout_rate', 'a number in [0, 1)')
+  if not is_int(model.scan_segments) or model.scan_segments < 0:
+    fail('scan_segments', 'a non-negative integer (0: unrolled layers)')
   if not is_int(model.num_classes) or model.num_classes <= 0:
     fail('num_classes', 'a positive integer')
   if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:

@@ -74,18 +74,25 @@ _recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
 
 
 class _BatchNormVariables(nn.Module):
-  """Declares exactly the variables of `nn.BatchNorm` (scale, bias; mean, var) for C features."""
+  """Declares exactly the variables of `nn.BatchNorm` (scale, bias; mean, var) for C features.
+
+  Returns their values (scale, bias, running mean, running var). Given `batch_stats`, a
+  (mean, var) pair of batch statistics, it first moves the running averages towards them.
+  """
 
   features: int
 
   @nn.compact
-  def __call__(self):
+  def __call__(self, batch_stats=None, momentum=None):
     shape = (self.features,)
     mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), shape)
     var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), shape)
     scale = self.param('scale', nn.initializers.ones, shape, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, shape, jnp.float32)
-    return scale, bias, mean, var
+    if batch_stats is not None:
+      for average, value in zip((mean, var), batch_stats):
+        average.value = momentum * average.value + (1 - momentum) * lax.stop_gradient(value)
+    return scale, bias, mean.value, var.value
 
 
 class _ConvKernel(nn.Module):
@@ -125,7 +132,8 @@ def concat_bn_relu_conv(features: Sequence[Array], *, out_features: int, kernel_
     The convolution's output [batch, height, width, out_features] in `dtype`.
   """
   channels = sum(f.shape[-1] for f in features)
-  scale, bias, ra_mean, ra_var = _BatchNormVariables(channels, name=norm_name)()
+  norm = _BatchNormVariables(channels, name=norm_name)
+  scale, bias, ra_mean, ra_var = norm()
   kernel_shape = (kernel_size, kernel_size, channels, out_features)
   kernel = _ConvKernel(kernel_shape, kernel_init, name=conv_name)()
   if train:
@@ -138,10 +146,9 @@ def concat_bn_relu_conv(features: Sequence[Array], *, out_features: int, kernel_
     mean_sq = jnp.concatenate([jnp.mean(lax.square(p), axes) for p in pieces32])
     var = jnp.maximum(0.0, mean_sq - lax.square(mean))
     if not initializing:
-      ra_mean.value = momentum * ra_mean.value + (1 - momentum) * lax.stop_gradient(mean)
-      ra_var.value = momentum * ra_var.value + (1 - momentum) * lax.stop_gradient(var)
+      norm((mean, var), momentum)
   else:
-    mean, var = ra_mean.value, ra_var.value
+    mean, var = ra_mean, ra_var
   pad = kernel_size // 2
   return _recomputed(tuple(features), mean, var, scale, bias, kernel,
                      epsilon, ((pad, pad), (pad, pad)), dtype)

@@ -1,0 +1,347 @@
+"""Dense blocks as scanned loops over one pre-allocated feature buffer.
+
+An unrolled dense block puts every layer into the compiled program separately: DenseNet-BC
+L=250 has 246 layers, and XLA compiles each of them (forward and backward) on its own, which took
+67 s (standard) to 150 s (memory-efficient) on a 2-core CPU. Every layer also rebuilds the
+growing concatenation of its block, a copy whose total size grows quadratically with depth.
+
+Here a block owns one buffer [batch, height, width, in + num_layers * k]: layer i reads the
+first `in + i * k` channels and writes its k new maps in place after them. Layers of a block then
+differ only in their parameters' input width, so padding those to a common width lets
+`lax.scan` run the layers as one compiled loop body. The padding is zero (BatchNorm scale and
+bias, convolution rows), so unwritten and later channels contribute exactly nothing; the stored
+parameters keep the paper's exact shapes and names, identical to the unrolled block's, and
+checkpoints move freely between the two.
+
+Padding to the widest layer wastes work (on average 2x for the first convolution), so a block is
+split into a few *segments*, each a scan padded to its own last layer's width; the split points
+minimise the padded width summed over layers (`segment_bounds`). Compile time then grows with the
+number of segments, not with depth.
+
+Each segment is a `jax.custom_vjp`. Autodiff of a scan would store the whole buffer once per
+layer (quadratic memory); here the forward pass saves the buffer only at the segment's end (every
+earlier layer's input is a prefix of it) and the backward pass is a reverse scan that recomputes
+each layer's first BatchNorm and ReLU from that buffer. The standard mode also saves each layer's
+1x1 convolution output (4k maps a layer, linear in depth) so that the backward pass does not
+redo that convolution; the memory-efficient mode recomputes the whole layer instead. The
+BatchNorm statistics of a buffer channel never change once written, so they are carried along
+as per-channel mean and mean of squares instead of being recomputed over the whole buffer.
+
+3x3 convolutions go through `ops.conv_same`, whose gradients XLA:CPU runs at full speed inside
+a loop body (autodiff's own gradient convolutions run 10-40x slower there).
+"""
+
+import dataclasses
+import functools
+from typing import Any, List, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from densenet_jax.models import efficient
+from densenet_jax.models import ops
+
+Array = jax.Array
+_CHANNELS = 3
+
+
+def segment_bounds(in_features: int, growth_rate: int, num_layers: int,
+                   num_segments: int) -> List[Tuple[int, int]]:
+  """Splits layers [0, num_layers) into at most `num_segments` contiguous [start, end) runs.
+
+  Every layer of a run is padded to the input width of the run's last layer, so the cost of a
+  run is (end - start) * (in_features + (end - 1) * growth_rate); the split minimises the total
+  by dynamic programming (at most a few hundred layers, so this is instant).
+  """
+  num_segments = max(1, min(num_segments, num_layers))
+
+  def cost(start, end):
+    return (end - start) * (in_features + (end - 1) * growth_rate)
+
+  inf = float('inf')
+  # best[s][e]: minimal cost of layers [0, e) in s runs; choice[s][e]: start of the last run.
+  best = [[inf] * (num_layers + 1) for _ in range(num_segments + 1)]
+  choice = [[0] * (num_layers + 1) for _ in range(num_segments + 1)]
+  best[0][0] = 0
+  for s in range(1, num_segments + 1):
+    for e in range(1, num_layers + 1):
+      for start in range(s - 1, e):
+        c = best[s - 1][start] + cost(start, e)
+        if c < best[s][e]:
+          best[s][e], choice[s][e] = c, start
+  s = min(range(1, num_segments + 1), key=lambda s: best[s][num_layers])
+  bounds, end = [], num_layers
+  while s > 0:
+    start = choice[s][end]
+    bounds.append((start, end))
+    end, s = start, s - 1
+  return bounds[::-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything about a segment that is fixed at trace time (hashable, for custom_vjp)."""
+
+  first_offset: int   # channel where the segment's first layer writes
+  growth_rate: int
+  bottleneck: bool
+  train: bool
+  epsilon: float
+  dropout_rate: float
+  dtype: Any
+  save_bottleneck: bool   # keep each layer's 1x1 output for the backward pass
+
+
+def _dropout(x, rate, key):
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _batch_stats(x):
+  """Per-channel mean and mean of squares over batch and space, in float32."""
+  x = x.astype(jnp.float32)
+  return jnp.mean(x, (0, 1, 2)), jnp.mean(lax.square(x), (0, 1, 2))
+
+
+def _keys(static: _Static, key):
+  """Dropout keys of a layer's two convolutions (unused without dropout)."""
+  if static.dropout_rate > 0 and static.train:
+    return jax.random.split(key)
+  return key, key
+
+
+def _norm_relu(x, mean, var, scale, bias, epsilon, dtype):
+  # jax.nn.relu has gradient 0 at 0, so padded channels (pre-activation exactly 0, since their
+  # scale and bias are 0) get exactly zero gradient.
+  mul = scale * lax.rsqrt(var + epsilon)
+  return jax.nn.relu((x.astype(jnp.float32) - mean) * mul + bias).astype(dtype)
+
+
+def _first(static: _Static, buf, mean, meansq, p, key):
+  """BN-ReLU-Conv1x1 of a bottleneck layer (BN-ReLU-Conv3x3 without bottleneck) on the whole
+  zero-padded buffer; returns (output, BN statistics).
+
+  `p` holds one layer's parameters padded to the buffer width; `mean`/`meansq` are the buffer's
+  per-channel batch statistics (used in training; running averages in `p` otherwise).
+  """
+  if static.train:
+    mean1, var1 = mean, jnp.maximum(0.0, meansq - lax.square(mean))
+  else:
+    mean1, var1 = p['mean1'], p['var1']
+  h = _norm_relu(buf, mean1, var1, p['scale1'], p['bias1'], static.epsilon, static.dtype)
+  kernel = p['kernel1'].astype(static.dtype)
+  y = ops.pointwise(h, kernel) if static.bottleneck else ops.conv_same(h, kernel)
+  if static.dropout_rate > 0 and static.train:
+    y = _dropout(y, static.dropout_rate, _keys(static, key)[0])
+  return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
+
+
+def _second(static: _Static, y, p, key):
+  """BN-ReLU-Conv3x3 of a bottleneck layer on its 1x1 convolution's output `y`."""
+  if static.train:
+    m, msq = _batch_stats(y)
+    mean2, var2 = m, jnp.maximum(0.0, msq - lax.square(m))
+  else:
+    mean2, var2 = p['mean2'], p['var2']
+  h = _norm_relu(y, mean2, var2, p['scale2'], p['bias2'], static.epsilon, static.dtype)
+  out = ops.conv_same(h, p['kernel2'].astype(static.dtype))
+  if static.dropout_rate > 0 and static.train:
+    out = _dropout(out, static.dropout_rate, _keys(static, key)[1])
+  return out.astype(static.dtype), {'mean2': mean2, 'var2': var2}
+
+
+def _layer(static: _Static, buf, mean, meansq, p, key):
+  """One dense layer on the buffer: (its k new maps, its 1x1 output or None, BN statistics)."""
+  y, stats = _first(static, buf, mean, meansq, p, key)
+  if not static.bottleneck:
+    return y, None, stats
+  out, stats2 = _second(static, y, p, key)
+  return out, y, {**stats, **stats2}
+
+
+def _forward(static: _Static, buf, mean, meansq, params, keys):
+  """Runs the segment's layers in a scan. Returns the filled buffer, its statistics, each
+  layer's BatchNorm batch statistics (stacked) and, when `static.save_bottleneck`, each layer's
+  1x1 convolution output (stacked; else None)."""
+  k = static.growth_rate
+
+  def body(carry, xs):
+    buf, mean, meansq = carry
+    j, p, key = xs
+    offset = static.first_offset + j * k
+    piece, y, stats = _layer(static, buf, mean, meansq, p, key)
+    buf = lax.dynamic_update_slice_in_dim(buf, piece.astype(buf.dtype), offset, _CHANNELS)
+    if static.train:
+      m, msq = _batch_stats(piece.astype(buf.dtype))
+      mean = lax.dynamic_update_slice_in_dim(mean, m, offset, 0)
+      meansq = lax.dynamic_update_slice_in_dim(meansq, msq, offset, 0)
+    return (buf, mean, meansq), (stats, y if static.save_bottleneck else None)
+
+  num_layers = keys.shape[0]
+  (buf, mean, meansq), (stats, saved) = lax.scan(
+      body, (buf, mean, meansq), (jnp.arange(num_layers), params, keys))
+  return buf, mean, meansq, stats, saved
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _segment(static, buf, mean, meansq, params, keys):
+  return _forward(static, buf, mean, meansq, params, keys)[:4]
+
+
+def _segment_fwd(static, buf, mean, meansq, params, keys):
+  buf_out, mean_out, meansq_out, stats, saved = _forward(static, buf, mean, meansq, params, keys)
+  residuals = (buf_out, mean_out, meansq_out, params, keys, saved)
+  return (buf_out, mean_out, meansq_out, stats), residuals
+
+
+def _segment_bwd(static, residuals, cotangents):
+  """Reverse scan: each layer is recomputed from the final buffer, whose first channels are
+  exactly that layer's input (later channels meet zero-padded parameters). With saved 1x1
+  outputs only the elementwise BN-ReLU before the 1x1 convolution is recomputed."""
+  buf_f, mean_f, meansq_f, params, keys, saved = residuals
+  d_buf, d_mean, d_meansq, _ = cotangents   # per-layer BN statistics are not differentiated
+  k = static.growth_rate
+  count = buf_f.shape[0] * buf_f.shape[1] * buf_f.shape[2]
+  d_buf = d_buf.astype(jnp.float32)
+
+  def body(carry, xs):
+    d_buf, d_mean, d_meansq = carry
+    j, p, key, y = xs
+    offset = static.first_offset + j * k
+    # Gradient of this layer's output: from later layers (and the block's output), plus the
+    # part that reached it through the BatchNorm statistics of its channels.
+    d_piece = lax.dynamic_slice_in_dim(d_buf, offset, k, _CHANNELS)
+    if static.train:
+      piece = lax.dynamic_slice_in_dim(buf_f, offset, k, _CHANNELS).astype(jnp.float32)
+      d_piece += (lax.dynamic_slice_in_dim(d_mean, offset, k, 0)
+                  + 2.0 * piece * lax.dynamic_slice_in_dim(d_meansq, offset, k, 0)) / count
+    d_piece = d_piece.astype(static.dtype)
+    first = lambda b, m, msq, pp: _first(static, b, m, msq, pp, key)[0]
+    if y is None:   # recompute the whole layer
+      layer = lambda b, m, msq, pp: _layer(static, b, m, msq, pp, key)[0]
+      _, vjp = jax.vjp(layer, buf_f, mean_f, meansq_f, p)
+      db, dm, dmsq, dp = vjp(d_piece)
+    else:
+      _, vjp_second = jax.vjp(lambda yy, pp: _second(static, yy, pp, key)[0], y, p)
+      d_y, dp_second = vjp_second(d_piece)
+      _, vjp_first = jax.vjp(first, buf_f, mean_f, meansq_f, p)
+      db, dm, dmsq, dp = vjp_first(d_y)
+      dp = jax.tree.map(jnp.add, dp, dp_second)
+    return (d_buf + db.astype(jnp.float32), d_mean + dm, d_meansq + dmsq), dp
+
+  num_layers = keys.shape[0]
+  (d_buf, d_mean, d_meansq), d_params = lax.scan(
+      body, (d_buf, d_mean, d_meansq), (jnp.arange(num_layers), params, keys, saved),
+      reverse=True)
+  # Channels from first_offset on were overwritten by this segment: the input's values there
+  # did not reach the output.
+  width = buf_f.shape[-1]
+  keep = jnp.arange(width) < static.first_offset
+  d_buf = jnp.where(keep, d_buf, 0.0).astype(buf_f.dtype)
+  d_mean = jnp.where(keep, d_mean, 0.0)
+  d_meansq = jnp.where(keep, d_meansq, 0.0)
+  return d_buf, d_mean, d_meansq, d_params, None
+
+
+_segment.defvjp(_segment_fwd, _segment_bwd)
+
+
+class _LayerVariables(nn.Module):
+  """Declares one dense layer's variables under the unrolled `DenseLayer`'s names and shapes.
+
+  Called without arguments it returns their values; called with `new_stats` (batch statistics
+  of the layer's BatchNorms) it first moves the running averages towards them.
+  """
+
+  in_features: int
+  growth_rate: int
+  bn_size: int
+  bottleneck: bool
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self, new_stats=None, momentum=None):
+    # pylint: disable=protected-access
+    variables = {}
+    norms = [('1', self.in_features)]
+    if self.bottleneck:
+      mid = self.bn_size * self.growth_rate
+      norms.append(('2', mid))
+      convs = [('1', (1, 1, self.in_features, mid)), ('2', (3, 3, mid, self.growth_rate))]
+    else:
+      convs = [('1', (3, 3, self.in_features, self.growth_rate))]
+    for n, features in norms:
+      batch_stats = None if new_stats is None else (new_stats['mean' + n], new_stats['var' + n])
+      scale, bias, mean, var = efficient._BatchNormVariables(features, name='norm' + n)(
+          batch_stats, momentum)
+      variables.update({'scale' + n: scale, 'bias' + n: bias, 'mean' + n: mean, 'var' + n: var})
+    for n, shape in convs:
+      variables['kernel' + n] = efficient._ConvKernel(shape, self.kernel_init,
+                                                      name='conv' + n)()
+    return variables
+
+
+def _padded(p, width):
+  """One layer's parameters (and running statistics) zero-padded on input channels to `width`."""
+  extra = width - p['scale1'].shape[0]
+  out = {}
+  for name, v in p.items():
+    if name in ('scale1', 'bias1', 'mean1'):
+      v = jnp.pad(v, (0, extra))
+    elif name == 'var1':
+      v = jnp.pad(v, (0, extra), constant_values=1.0)
+    elif name == 'kernel1':
+      v = jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
+    out[name] = v
+  return out
+
+
+def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: int,
+                  bn_size: int, bottleneck: bool, dropout_rate: float, epsilon: float,
+                  momentum: float, dtype: Any, kernel_init: Any, num_segments: int,
+                  memory_efficient: bool, train: bool) -> Array:
+  """A dense block's output (input and all layers' maps, concatenated) computed by scans.
+
+  Call from inside `module`'s compact method: the variables are declared in it as `layer{i}`
+  submodules, exactly as the unrolled `DenseBlock` declares them.
+  """
+  in_features = x.shape[-1]
+  k = growth_rate
+  layers = [_LayerVariables(in_features + i * k, k, bn_size, bottleneck, kernel_init,
+                            name=f'layer{i + 1}') for i in range(num_layers)]
+  variables = [layer() for layer in layers]
+  initializing = module.is_initializing()
+  if train and dropout_rate > 0:
+    keys = jax.random.split(module.make_rng('dropout'), num_layers)
+    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+      keys = jax.random.key_data(keys)
+  else:
+    keys = jnp.zeros((num_layers, 2), jnp.uint32)   # unused: no dropout
+  buf = x.astype(dtype)
+  mean = meansq = None
+  if train:
+    mean, meansq = _batch_stats(buf)
+  for start, end in segment_bounds(in_features, k, num_layers, num_segments):
+    width = in_features + end * k
+    extra = width - buf.shape[-1]
+    buf = jnp.pad(buf, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    if train:
+      mean, meansq = jnp.pad(mean, (0, extra)), jnp.pad(meansq, (0, extra))
+    else:
+      mean = meansq = jnp.zeros((width,), jnp.float32)
+    # Every layer of the segment reads the whole segment buffer: pad its parameters to it.
+    layer_params = [_padded(variables[i], width) for i in range(start, end)]
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *layer_params)
+    static = _Static(in_features + start * k, k, bottleneck, train, float(epsilon),
+                     float(dropout_rate), jnp.dtype(dtype),
+                     save_bottleneck=bottleneck and not memory_efficient)
+    buf, mean, meansq, stats = _segment(static, buf, mean, meansq, stacked, keys[start:end])
+    if train and not initializing:
+      stats = jax.lax.stop_gradient(stats)
+      for j, i in enumerate(range(start, end)):
+        width_i = in_features + i * k   # stats of norm1 are padded to the segment's width
+        layers[i](new_stats={name: (v[j, :width_i] if name.endswith('1') else v[j])
+                             for name, v in stats.items()}, momentum=momentum)
+  return buf
