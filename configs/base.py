@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_momentum = config_dict.placeholder(float)
   # Recompute concatenation + BN + ReLU + 1x1 conv in the backward pass (less memory).
   config.model.memory_efficient = False
+  # Run each dense block as at most this many scanned loops over one feature buffer (compile
+  # time independent of depth); 0 compiles every layer separately. Same variables either way.
+  config.model.scan_segments = 3
 
   config.dataset = ml_collections.ConfigDict()
   # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', 'svhn_cropped', ...), 'folder' for a
