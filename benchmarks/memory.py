@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py --model=densenet_bc100_k12 --batch_size=64 --image_size=32
     python benchmarks/memory.py --model=densenet121 --batch_size=8 --image_size=224
+    python benchmarks/memory.py --model=densenet_bc250_k24 --scan_segments=0   # unrolled
 
 Prints XLA's `memory_analysis()` of the compiled gradient step (forward, backward, BatchNorm
 updates) for both modes: temporary bytes are the activations and workspace that the
@@ -23,10 +24,12 @@ _MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 32, 'Image height and width.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_SCAN = flags.DEFINE_integer('scan_segments', 3, 'Scanned loops per dense block; 0: unrolled.')
 
 
-def compiled_memory(name, batch_size, image_size, dtype, memory_efficient):
-  model = create_model(name, dtype=jnp.dtype(dtype), memory_efficient=memory_efficient)
+def compiled_memory(name, batch_size, image_size, dtype, memory_efficient, scan_segments):
+  model = create_model(name, dtype=jnp.dtype(dtype), memory_efficient=memory_efficient,
+                       scan_segments=scan_segments)
   images = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
   labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
@@ -44,7 +47,8 @@ def compiled_memory(name, batch_size, image_size, dtype, memory_efficient):
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   return dict(model=name, batch_size=batch_size, image_size=image_size, dtype=dtype,
-              memory_efficient=memory_efficient, compile_s=round(seconds, 1),
+              memory_efficient=memory_efficient, scan_segments=scan_segments,
+              compile_s=round(seconds, 1),
               temp_mib=round(mem.temp_size_in_bytes / 2**20, 1),
               argument_mib=round(mem.argument_size_in_bytes / 2**20, 1),
               output_mib=round(mem.output_size_in_bytes / 2**20, 1))
@@ -52,8 +56,8 @@ def compiled_memory(name, batch_size, image_size, dtype, memory_efficient):
 
 def main(argv):
   del argv
-  rows = [compiled_memory(_MODEL.value, _BATCH.value, _SIZE.value, _DTYPE.value, eff)
-          for eff in (False, True)]
+  rows = [compiled_memory(_MODEL.value, _BATCH.value, _SIZE.value, _DTYPE.value, eff,
+                          _SCAN.value) for eff in (False, True)]
   for row in rows:
     print(json.dumps(row))
   print(f'memory-efficient / standard temp: {rows[1]["temp_mib"] / rows[0]["temp_mib"]:.3f}')

@@ -5,7 +5,9 @@
     python benchmarks/throughput.py --torch=False --json=out.json --markdown=out.md
 
 Each case runs in a fresh process so that its peak resident memory is its own. A case is
-MODEL:BATCH:DTYPE:MODE, MODE 'std' or 'eff' (memory-efficient). Images are 224x224 for ImageNet
+MODEL:BATCH:DTYPE:MODE, MODE 'std' (standard), 'eff' (memory-efficient), each
+optionally with '-scanN' (each dense block as at most N scanned loops, scanned.py; plain
+'std'/'eff' compile every layer separately). Images are 224x224 for ImageNet
 models and 32x32 for CIFAR ones. For each case the table gives: train images/s and inference
 images/s (median over --steps timed steps after two warm-up steps), the train step's compile
 time, XLA's compiled temporary memory of the train step, and the process's peak RSS. When torch
@@ -37,6 +39,9 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also measure torchvision when installed.')
 _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 _MARKDOWN = flags.DEFINE_string('markdown', None, 'Write the table here as markdown.')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Only compile the train step: compile time and temp memory, for '
+    'models too large or slow to run here.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one case in this process.')
 
 
@@ -56,6 +61,15 @@ def _timed(fn, steps):
   return statistics.median(times)
 
 
+def model_options(mode):
+  """create_model keyword arguments for a MODE string: std, eff, std-scanN or eff-scanN."""
+  memory, _, scan = mode.partition('-')
+  if (memory in ('std', 'eff') and (not scan or (
+      scan.startswith('scan') and scan[4:].isdigit() and int(scan[4:]) > 0))):
+    return dict(memory_efficient=(memory == 'eff'), scan_segments=int(scan[4:] or 0))
+  raise ValueError(f'mode {mode!r}: expected std, eff, std-scanN or eff-scanN with N >= 1')
+
+
 def measure_jax(name, batch, dtype, mode, steps):
   """One densenet_jax case: the real train step of the trainer (SGD, BatchNorm updates)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -65,7 +79,7 @@ def measure_jax(name, batch, dtype, mode, steps):
   from densenet_jax import train_lib
   from densenet_jax.models import create_model
 
-  model = create_model(name, dtype=jnp.dtype(dtype), memory_efficient=(mode == 'eff'))
+  model = create_model(name, dtype=jnp.dtype(dtype), **model_options(mode))
   size = 224 if model.stem == 'imagenet' else 32
   mesh = train_lib.create_mesh()
   tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
@@ -80,6 +94,9 @@ def measure_jax(name, batch, dtype, mode, steps):
   compiled = p_train.lower(state, data).compile()
   compile_s = time.perf_counter() - start
   temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  if steps == 0:   # --compile_only
+    return dict(compile_s=compile_s, temp_mib=temp_mib, peak_rss_mib=_peak_rss_mib(),
+                device=str(jax.devices()[0].device_kind))
   holder = {'state': state}
 
   def train():
@@ -167,6 +184,8 @@ def _torch_available():
 
 def main(argv):
   del argv
+  for case in _CASES.value:
+    model_options(case.split(':')[-1])   # a bad MODE fails here, before any measurement
   if _WORKER.value:
     _run_worker(_WORKER.value)
     return
@@ -174,12 +193,15 @@ def main(argv):
   rows, torch_cache = [], {}
   for case in _CASES.value:
     name, batch, dtype, mode = case.split(':')
+    steps = 0 if _COMPILE_ONLY.value else _STEPS.value
     row = dict(model=name, batch=int(batch), dtype=dtype, mode=mode,
-               jax=_spawn(f'jax:{name}:{batch}:{dtype}:{mode}:{_STEPS.value}'))
-    if use_torch and dtype == 'float32':
-      key = (name, batch, mode)
+               jax=_spawn(f'jax:{name}:{batch}:{dtype}:{mode}:{steps}'))
+    if use_torch and dtype == 'float32' and not _COMPILE_ONLY.value:
+      # torchvision's memory-efficient mode beside ours; its standard mode beside the others.
+      torch_mode = 'eff' if mode.startswith('eff') else 'std'
+      key = (name, batch, torch_mode)
       if key not in torch_cache:
-        torch_cache[key] = _spawn(f'torch:{name}:{batch}:float32:{mode}:{_STEPS.value}')
+        torch_cache[key] = _spawn(f'torch:{name}:{batch}:float32:{torch_mode}:{_STEPS.value}')
       row['torch'] = torch_cache[key]
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -197,8 +219,10 @@ def main(argv):
     if t and 'error' not in t:
       torch_cell = f"{t['train_ips']:.2f} / {t['infer_ips']:.2f}, {t['peak_rss_mib']:.0f}"
       ratio = f"{j['train_ips'] / t['train_ips']:.2f}x"
+    speed = (f"{j['train_ips']:.2f} | {j['infer_ips']:.2f}" if 'train_ips' in j
+             else 'not run | not run')
     lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
-                 f"{j['train_ips']:.2f} | {j['infer_ips']:.2f} | {j['compile_s']:.1f} | "
+                 f"{speed} | {j['compile_s']:.1f} | "
                  f"{j['temp_mib']:.0f} | {j['peak_rss_mib']:.0f} | {torch_cell} | {ratio} |")
   table = '\n'.join(lines)
   print(table)
