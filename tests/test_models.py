@@ -217,9 +217,9 @@ def test_segment_bounds_are_optimal():
     assert cost(c0, k, bounds) == best
 
 
-def _convolutions_in_train_program(depth, scan_segments):
-  model = create_model('densenet_bc', depth=depth, growth_rate=4, scan_segments=scan_segments)
-  images = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+def _lowered_train_gradient(model, image_shape):
+  """The jitted parameter gradient of a train-mode forward pass, lowered (not compiled)."""
+  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), images)
 
   def loss(params, batch_stats, images):
@@ -227,8 +227,12 @@ def _convolutions_in_train_program(depth, scan_segments):
                             images, train=True, mutable=['batch_stats'])
     return jnp.sum(logits)
 
-  lowered = jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)
-  return lowered.as_text().count('convolution(')
+  return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)
+
+
+def _convolutions_in_train_program(depth, scan_segments):
+  model = create_model('densenet_bc', depth=depth, growth_rate=4, scan_segments=scan_segments)
+  return _lowered_train_gradient(model, (2, 8, 8, 3)).as_text().count('convolution(')
 
 
 def test_scanned_program_does_not_grow_with_depth():
@@ -264,16 +268,7 @@ def test_memory_efficient_halves_compiled_train_memory():
   def temp_bytes(memory_efficient, scan_segments=0):   # unrolled unless told
     model = create_model('densenet_bc', depth=40, growth_rate=12,
                          memory_efficient=memory_efficient, scan_segments=scan_segments)
-    images = jax.ShapeDtypeStruct((32, 16, 16, 3), jnp.float32)
-    variables = jax.eval_shape(model.init, jax.random.key(0), images)
-
-    def loss(params, batch_stats, images):
-      logits, _ = model.apply({'params': params, 'batch_stats': batch_stats},
-                              images, train=True, mutable=['batch_stats'])
-      return jnp.sum(logits)
-
-    compiled = jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
-                                             images).compile()
+    compiled = _lowered_train_gradient(model, (32, 16, 16, 3)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   standard = temp_bytes(False)
