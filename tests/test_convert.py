@@ -40,6 +40,17 @@ def jax_logits(variables, model_name, images_nhwc, **overrides):
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images_nhwc))
 
 
+def assert_converted_logits_match(path, name, x, expected, source, overrides):
+  """Converts `path` as model `name` and compares its logits on `x` with `expected`."""
+  variables, meta = convert.convert(path, name)
+  assert meta['overrides'] == overrides
+  got = jax_logits(variables, name, x, **overrides)
+  diff = float(np.max(np.abs(got - expected)))
+  print(f'{name} {source} max |logit difference| = {diff:.2e}')
+  assert diff <= TOLERANCE
+  return meta
+
+
 def images(seed, batch=2):
   return np.random.default_rng(seed).standard_normal((batch, 224, 224, 3)).astype(np.float32)
 
@@ -63,12 +74,8 @@ def test_torchvision_logits_match(name, tmp_path, torch_densenet121):
   x = images(2)
   with torch.no_grad():
     expected = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
-  variables, meta = convert.convert(path, name)
-  assert meta['num_classes'] == 1000 and meta['overrides'] == {}
-  got = jax_logits(variables, name, x)
-  diff = float(np.max(np.abs(got - expected)))
-  print(f'{name} torchvision max |logit difference| = {diff:.2e}')
-  assert diff <= TOLERANCE
+  meta = assert_converted_logits_match(path, name, x, expected, 'torchvision', {})
+  assert meta['num_classes'] == 1000
 
 
 def test_safetensors_and_legacy_keys_convert_identically(tmp_path, torch_densenet121):
@@ -149,12 +156,8 @@ def test_keras_logits_match(name, tmp_path):
   else:
     path = str(tmp_path / 'model.weights.h5')
     net.save_weights(path)
-  variables, meta = convert.convert(path, name)
-  assert meta['overrides'] == {'bn_epsilon': convert.KERAS_EPSILON}
-  got = jax_logits(variables, name, x, bn_epsilon=convert.KERAS_EPSILON)
-  diff = float(np.max(np.abs(got - expected)))
-  print(f'{name} Keras max |logit difference| = {diff:.2e}')
-  assert diff <= TOLERANCE
+  assert_converted_logits_match(path, name, x, expected, 'Keras',
+                                {'bn_epsilon': convert.KERAS_EPSILON})
 
 
 def test_imagenet_evaluation_of_converted_weights_on_mock_data(tmp_path, torch_densenet121):

@@ -218,7 +218,6 @@ def _segment_bwd(static, residuals, cotangents):
       d_piece += (lax.dynamic_slice_in_dim(d_mean, offset, k, 0)
                   + 2.0 * piece * lax.dynamic_slice_in_dim(d_meansq, offset, k, 0)) / count
     d_piece = d_piece.astype(static.dtype)
-    first = lambda b, m, msq, pp: _first(static, b, m, msq, pp, key)[0]
     if y is None:   # recompute the whole layer
       layer = lambda b, m, msq, pp: _layer(static, b, m, msq, pp, key)[0]
       _, vjp = jax.vjp(layer, buf_f, mean_f, meansq_f, p)
@@ -226,6 +225,7 @@ def _segment_bwd(static, residuals, cotangents):
     else:
       _, vjp_second = jax.vjp(lambda yy, pp: _second(static, yy, pp, key)[0], y, p)
       d_y, dp_second = vjp_second(d_piece)
+      first = lambda b, m, msq, pp: _first(static, b, m, msq, pp, key)[0]
       _, vjp_first = jax.vjp(first, buf_f, mean_f, meansq_f, p)
       db, dm, dmsq, dp = vjp_first(d_y)
       dp = jax.tree.map(jnp.add, dp, dp_second)
