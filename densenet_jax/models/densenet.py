@@ -243,7 +243,7 @@ class DenseNet(nn.Module):
     if self.stem == 'imagenet':
       x = _conv(self.stem_features, 7, self.dtype, name='stem_conv', strides=2)(x)
       x = _bn_relu(x, train, 'stem_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = ops.max_pool(x, window=3, stride=2, padding=1)
     else:
       x = _conv(self.stem_features, 3, self.dtype, name='stem_conv')(x)
     channels = self.stem_features

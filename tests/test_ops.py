@@ -1,0 +1,58 @@
+"""The hand-written gradients of densenet_jax.models.ops equal autodiff's."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from densenet_jax.models import ops
+
+
+def _vjp(f, x, g):
+  y, pullback = jax.vjp(f, x)
+  return y, pullback(g)[0]
+
+
+@pytest.mark.parametrize('size', [8, 9])
+@pytest.mark.parametrize('ties', [False, True])
+def test_max_pool_equals_flax(size, ties):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, size, size, 3)), jnp.float32)
+  if ties:  # As after a ReLU: many windows whose maximum occurs more than once.
+    x = jnp.maximum(x, 0.3)
+  reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  ours = lambda x: ops.max_pool(x, window=3, stride=2, padding=1)
+  g = jnp.asarray(rng.standard_normal(reference(x).shape), jnp.float32)
+  y_ref, dx_ref = _vjp(reference, x, g)
+  y, dx = _vjp(ours, x, g)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_allclose(dx, dx_ref, atol=1e-6)
+  # Every output's gradient lands on exactly one input.
+  np.testing.assert_allclose(jnp.sum(dx), jnp.sum(g), rtol=1e-5)
+
+
+def test_max_pool_keeps_bfloat16():
+  x = jnp.ones((1, 6, 6, 2), jnp.bfloat16)
+  y, dx = _vjp(lambda x: ops.max_pool(x, 3, 2, 1), x, jnp.ones((1, 3, 3, 2), jnp.bfloat16))
+  assert y.dtype == dx.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('kernel_size', [1, 3])
+def test_conv_same_gradients_equal_autodiff(kernel_size):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 4, 3)), jnp.float32)
+  pad = kernel_size // 2
+
+  def reference(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  g = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
+  y_ref, pullback_ref = jax.vjp(reference, x, kernel)
+  y, pullback = jax.vjp(ops.conv_same, x, kernel)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for ours, theirs in zip(pullback(g), pullback_ref(g)):
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
