@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from densenet_jax import train_lib
 from densenet_jax.models import create_model
 
 _MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name.')
@@ -40,7 +41,8 @@ def compiled_memory(name, batch_size, image_size, dtype, memory_efficient, scan_
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return loss, updates
 
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                    compiler_options=train_lib.compiler_options(train_lib.create_mesh()))
   start = time.perf_counter()
   compiled = grad_fn.lower(variables['params'], variables['batch_stats'], images,
                            labels).compile()

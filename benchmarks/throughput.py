@@ -104,7 +104,8 @@ def measure_jax(name, batch, dtype, mode, steps):
     jax.block_until_ready(metrics)
 
   train_s = _timed(train, steps)
-  infer = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  infer = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                  compiler_options=train_lib.compiler_options(mesh))
   variables = {'params': holder['state'].params, 'batch_stats': holder['state'].batch_stats}
   infer_s = _timed(lambda: jax.block_until_ready(infer(variables, data['image'])), steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s, compile_s=compile_s,

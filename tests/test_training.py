@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -119,6 +120,30 @@ def test_one_and_eight_devices_train_the_same(tmp_path):
   assert len(jax.tree.leaves(one.params)) > 10
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                (one.params, one.batch_stats), (eight.params, eight.batch_stats))
+
+
+def test_cpu_steps_leave_convolutions_to_eigen():
+  """On CPU the compiled steps keep dot products in YNNPACK fusions but no convolution: XLA's
+  YNNPACK convolution runs on one core (see train_lib._CPU_COMPILER_OPTIONS). With XLA's
+  defaults, this model's 3x3 convolutions (12 maps or more) would go to YNNPACK."""
+  config = tiny_config(**{'model.growth_rate': 12})
+  model = trainer.build_model(config, input_pipeline.get_info(config.dataset).num_classes)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  tx = optax.sgd(0.1)
+  state, shardings = train_lib.create_train_state(model, tx, 0, (8, 8, 1), mesh)
+  batch = train_lib.to_global({'image': np.zeros((4, 8, 8, 1), np.float32),
+                               'label': np.zeros((4,), np.int32),
+                               'mask': np.ones((4,), bool)}, mesh)
+  p_train, p_eval = train_lib.compile_steps(model, tx, optax.constant_schedule(0.1), 0.0,
+                                            shardings, mesh)
+  for step in (p_train, p_eval):
+    hlo = step.lower(state, batch).compile().as_text()
+    library_bodies = set(re.findall(r'fusion\(.*kind=kCustom, calls=%([\w.-]+)', hlo))
+    assert library_bodies, 'no YNNPACK fusion at all: the option may have been renamed'
+    computations = {m.group(1): m.group(2) for m in
+                    re.finditer(r'^%([\w.-]+) .*?\{\n(.*?)\n\}', hlo, re.M | re.S)}
+    assert ' convolution(' in hlo
+    assert not [c for c in library_bodies if ' convolution(' in computations[c]]
 
 
 def _free_port():
