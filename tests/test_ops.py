@@ -39,6 +39,20 @@ def test_max_pool_keeps_bfloat16():
   assert y.dtype == dx.dtype == jnp.bfloat16
 
 
+def test_pointwise_gradients_equal_autodiff():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((1, 1, 5, 6)), jnp.float32)
+  reference = lambda x, kernel: jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])
+  g = jnp.asarray(rng.standard_normal((2, 3, 4, 6)), jnp.float32)
+  y_ref, pullback_ref = jax.vjp(reference, x, kernel)
+  y, pullback = jax.vjp(ops.pointwise, x, kernel)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for ours, theirs in zip(pullback(g), pullback_ref(g)):
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
 @pytest.mark.parametrize('kernel_size', [1, 3])
 def test_conv_same_gradients_equal_autodiff(kernel_size):
   rng = np.random.default_rng(1)

@@ -9,8 +9,15 @@ from jax import lax
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
+@jax.custom_vjp
 def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A 1x1 convolution as a matrix product over channels.
+
+  Its gradients are written out as two plain matrix products: the input gradient against a
+  materialised transposed kernel, the kernel gradient over the flattened positions. Autodiff's
+  versions contract the 4-D input over three axes, which XLA:CPU lowers with a transposed copy
+  of the whole input per layer; written out, DenseNet-BC-100's train step (batch 64) ran 7-13%
+  faster on 2 CPU cores (measured interleaved in one process), densenet121's no slower.
 
   Args:
     x: [batch, height, width, in].
@@ -19,7 +26,27 @@ def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   Returns:
     [batch, height, width, out].
   """
-  return lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+  return _pointwise(x, kernel[0, 0])
+
+
+def _pointwise(x, matrix):
+  return lax.dot_general(x, matrix, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _pointwise_fwd(x, kernel):
+  return pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, g):
+  x, kernel = residuals
+  # The barrier keeps XLA from folding the (small) transpose back into the product.
+  dx = _pointwise(g, lax.optimization_barrier(kernel[0, 0].T))
+  dk = lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                       (((0,), (0,)), ((), ())))
+  return dx.astype(x.dtype), dk[None, None].astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def _conv_same(x, kernel):
