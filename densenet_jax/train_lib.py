@@ -6,6 +6,7 @@ donated to the step. BatchNorm therefore sees global-batch statistics with no `a
 """
 
 import functools
+import os
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -153,10 +154,15 @@ _CPU_COMPILER_OPTIONS = {
 
 
 def compiler_options(mesh: Mesh) -> Optional[Dict[str, str]]:
-  """XLA options for programs that run on `mesh`'s devices (None: XLA's defaults)."""
-  if mesh.devices.flat[0].platform == 'cpu':
-    return dict(_CPU_COMPILER_OPTIONS)
-  return None
+  """XLA options for programs that run on `mesh`'s devices (None: XLA's defaults).
+
+  An option the user sets in XLA_FLAGS wins: it is left out here.
+  """
+  if mesh.devices.flat[0].platform != 'cpu':
+    return None
+  user_flags = os.environ.get('XLA_FLAGS', '')
+  return {name: value for name, value in _CPU_COMPILER_OPTIONS.items()
+          if name not in user_flags} or None
 
 
 def compile_steps(model, tx, schedule, label_smoothing, state_shardings, mesh):

@@ -146,6 +146,13 @@ def test_cpu_steps_leave_convolutions_to_eigen():
     assert not [c for c in library_bodies if ' convolution(' in computations[c]]
 
 
+def test_xla_flags_set_by_the_user_win(monkeypatch):
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  assert 'xla_cpu_experimental_ynn_fusion_type' in train_lib.compiler_options(mesh)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
+  assert train_lib.compiler_options(mesh) is None
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
