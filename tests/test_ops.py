@@ -39,18 +39,23 @@ def test_max_pool_keeps_bfloat16():
   assert y.dtype == dx.dtype == jnp.bfloat16
 
 
+def _assert_same_vjp(ours, reference, args, g):
+  """Outputs and both cotangents of `ours` equal those of `reference` at `args`."""
+  y_ref, pullback_ref = jax.vjp(reference, *args)
+  y, pullback = jax.vjp(ours, *args)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for mine, theirs in zip(pullback(g), pullback_ref(g)):
+    assert mine.shape == theirs.shape
+    np.testing.assert_allclose(mine, theirs, atol=1e-4)
+
+
 def test_pointwise_gradients_equal_autodiff():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((1, 1, 5, 6)), jnp.float32)
   reference = lambda x, kernel: jnp.einsum('nhwc,co->nhwo', x, kernel[0, 0])
   g = jnp.asarray(rng.standard_normal((2, 3, 4, 6)), jnp.float32)
-  y_ref, pullback_ref = jax.vjp(reference, x, kernel)
-  y, pullback = jax.vjp(ops.pointwise, x, kernel)
-  np.testing.assert_allclose(y, y_ref, atol=1e-5)
-  for ours, theirs in zip(pullback(g), pullback_ref(g)):
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  _assert_same_vjp(ops.pointwise, reference, (x, kernel), g)
 
 
 @pytest.mark.parametrize('kernel_size', [1, 3])
@@ -65,8 +70,4 @@ def test_conv_same_gradients_equal_autodiff(kernel_size):
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
   g = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
-  y_ref, pullback_ref = jax.vjp(reference, x, kernel)
-  y, pullback = jax.vjp(ops.conv_same, x, kernel)
-  np.testing.assert_allclose(y, y_ref, atol=1e-5)
-  for ours, theirs in zip(pullback(g), pullback_ref(g)):
-    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  _assert_same_vjp(ops.conv_same, reference, (x, kernel), g)
