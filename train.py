@@ -6,7 +6,15 @@ automatically on TPU pods, SLURM and MPI, or with --coordinator_address, --num_p
 --process_id.
 """
 
+# First of all, before JAX starts threads or allocates: restarting later would waste the seconds
+# the imports below take. See densenet_jax/hugepages.py for why.
+from densenet_jax import hugepages
+
+hugepages.restart_with_hugepages()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import logging as py_logging
+import os
 import sys
 
 from absl import app
@@ -41,6 +49,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  logging.info('GLIBC_TUNABLES=%r (see densenet_jax/hugepages.py)', os.environ.get('GLIBC_TUNABLES'))
   logging.info('Config:\n%s', _CONFIG.value)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

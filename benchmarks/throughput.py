@@ -17,6 +17,10 @@ swapped in) is measured on the same inputs, float32 only, and the ratio jax/torc
 On a GPU or TPU host run the same command after installing the matching jax (jax[cuda12] or
 jax[tpu]); timings then include `block_until_ready`, so they are device times. Peak RSS is host
 memory there; compare device memory with the compiled temp figure instead.
+
+The script restarts itself with glibc's transparent-huge-page tunable (densenet_jax/hugepages.py),
+as train.py does; every worker, torchvision's included, inherits it. DENSENET_JAX_HUGEPAGES=0
+measures both without it.
 """
 
 import json
@@ -29,6 +33,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from densenet_jax import hugepages
 
 _CASES = flags.DEFINE_list(
     'cases', ['densenet121:8:float32:std', 'densenet121:8:float32:eff',
@@ -185,6 +191,8 @@ def _torch_available():
 
 def main(argv):
   del argv
+  # Both frameworks' workers inherit the restarted environment, so they are compared alike.
+  hugepages.restart_with_hugepages()
   for case in _CASES.value:
     model_options(case.split(':')[-1])   # a bad MODE fails here, before any measurement
   if _WORKER.value:
@@ -196,6 +204,7 @@ def main(argv):
     name, batch, dtype, mode = case.split(':')
     steps = 0 if _COMPILE_ONLY.value else _STEPS.value
     row = dict(model=name, batch=int(batch), dtype=dtype, mode=mode,
+               glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
                jax=_spawn(f'jax:{name}:{batch}:{dtype}:{mode}:{steps}'))
     if use_torch and dtype == 'float32' and not _COMPILE_ONLY.value:
       # torchvision's memory-efficient mode beside ours; its standard mode beside the others.
@@ -225,6 +234,7 @@ def main(argv):
     lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
                  f"{speed} | {j['compile_s']:.1f} | "
                  f"{j['temp_mib']:.0f} | {j['peak_rss_mib']:.0f} | {torch_cell} | {ratio} |")
+  lines.append(f"\nBoth frameworks ran with GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}.")
   table = '\n'.join(lines)
   print(table)
   if _JSON.value:

@@ -1,0 +1,82 @@
+"""train.py's restart under glibc's transparent-huge-page tunable (densenet_jax/hugepages.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+
+from densenet_jax import hugepages
+
+# Restarts itself as train.py does, then faults in a fresh 64 MiB malloc (glibc serves it with
+# its own mmap) and reports the page faults that took.
+_CHILD = """
+from densenet_jax import hugepages
+hugepages.restart_with_hugepages()
+import ctypes, json, os, resource
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+p = libc.malloc(64 << 20)
+ctypes.memset(p, 1, 64 << 20)
+print(json.dumps(dict(faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+                      tunables=os.environ.get('GLIBC_TUNABLES', ''), pid=os.getpid())))
+"""
+_PAGES_4K = (64 << 20) // 4096
+
+
+def _child(**env):
+  clean = {k: v for k, v in os.environ.items()
+           if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT)}
+  proc = subprocess.run([sys.executable, '-c', _CHILD], env=dict(clean, **env),
+                        capture_output=True, text=True, check=True)
+  return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _thp_mode():
+  try:
+    with open(hugepages._THP_ENABLED) as f:
+      return f.read().split('[')[1].split(']')[0]
+  except (OSError, IndexError):
+    return None
+
+
+@pytest.fixture
+def supported():
+  with mock.patch.object(hugepages, '_glibc_has_tunable', return_value=True), \
+       mock.patch.object(hugepages, '_kernel_has_thp', return_value=True):
+    yield
+
+
+def test_restart_adds_the_tunable_to_the_users_tunables(supported):
+  del supported
+  assert hugepages.restart_environment({'A': '1'}) == {
+      'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  env = hugepages.restart_environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+
+
+def test_no_restart_when_set_opted_out_or_unsupported(supported):
+  del supported
+  # The user's own value wins, and the restarted process does not restart again.
+  assert hugepages.restart_environment({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
+  assert hugepages.restart_environment({hugepages.OPT_OUT: '0'}) is None
+  with mock.patch.object(hugepages, '_kernel_has_thp', return_value=False):
+    assert hugepages.restart_environment({}) is None
+  with mock.patch.object(hugepages, '_glibc_has_tunable', return_value=False):
+    assert hugepages.restart_environment({}) is None
+
+
+@pytest.mark.skipif(hugepages.restart_environment({}) is None,
+                    reason='needs Linux, glibc >= 2.35 and transparent huge pages')
+def test_restarted_process_faults_in_large_allocations_by_huge_pages():
+  restarted = _child()
+  assert restarted['tunables'] == 'glibc.malloc.hugetlb=1'
+  # 64 MiB in 4 KiB pages is 16384 faults; in 2 MiB pages a few dozen, plus the unaligned ends.
+  assert restarted['faults'] < _PAGES_4K // 4, restarted
+  if _thp_mode() == 'madvise':   # Otherwise the kernel decides alone and there is no contrast.
+    plain = _child(**{hugepages.OPT_OUT: '0'})
+    assert plain['tunables'] == ''
+    assert plain['faults'] >= _PAGES_4K * 0.9, plain
