@@ -58,7 +58,7 @@ def test_pointwise_gradients_equal_autodiff():
   _assert_same_vjp(ops.pointwise, reference, (x, kernel), g)
 
 
-@pytest.mark.parametrize('kernel_size', [1, 3])
+@pytest.mark.parametrize('kernel_size', [1, 3, 5])
 def test_conv_same_gradients_equal_autodiff(kernel_size):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)

@@ -59,12 +59,15 @@ def _conv_same(x, kernel):
 def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'same' convolution, NHWC input and HWIO kernel of odd size.
 
-  Its gradients are written out as two forward convolutions in the canonical NHWC/HWIO form,
-  with the transposes explicit. The values are those of autodiff; the reason is XLA:CPU: inside a
+  Its gradients are written out, with the values of autodiff; the reason is XLA:CPU. Inside a
   loop body (a `lax.scan`) it leaves autodiff's transposed convolutions in their non-canonical
   form and runs them with a generic emitter, 10x (input gradient) to 40x (kernel gradient)
-  slower than the same convolutions outside a loop. Written out like this they run at full
-  speed inside and outside loops.
+  slower than the same convolutions outside a loop. Here the input gradient is a canonical
+  forward convolution, and the kernel gradient one matrix product over all positions, against
+  the output gradient shifted by every kernel offset (`_shifted`). XLA:CPU would otherwise run
+  the kernel gradient as a forward convolution over transposed copies of the input and output
+  gradient; the product made DenseNet-BC-100's train step 11% faster (batch 64, k=12), BC-52
+  k=40's 3% and densenet121's 2% (batch 8), measured interleaved in one process on 2 cores.
   """
   return _conv_same(x, kernel)
 
@@ -73,17 +76,27 @@ def _conv_same_fwd(x, kernel):
   return _conv_same(x, kernel), (x, kernel)
 
 
+def _shifted(g, size):
+  """[batch, height, width, size * size, out]: entry (n, h, w, i * size + j) is g at
+  (n, h - i + size // 2, w - j + size // 2), zero outside g."""
+  pad = size // 2
+  n, h, w, out = g.shape
+  padded = jnp.pad(g, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return jnp.stack([lax.slice(padded, (0, 2 * pad - i, 2 * pad - j, 0),
+                              (n, 2 * pad - i + h, 2 * pad - j + w, out))
+                    for i in range(size) for j in range(size)], axis=3)
+
+
 def _conv_same_bwd(residuals, g):
   x, kernel = residuals
+  size, _, cin, cout = kernel.shape
   # d/dx: correlate g with the kernel flipped in space, input and output channels swapped.
   dx = _conv_same(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
-  # d/dkernel: a convolution over the batch: channels of x as the batch, the batch as features,
-  # g as a [height, width, batch, out] kernel; the result is [in, kh, kw, out].
-  pad = kernel.shape[0] // 2
-  dk = lax.conv_general_dilated(
-      x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), ((pad, pad), (pad, pad)),
-      dimension_numbers=_NHWC)
-  return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+  # d/dkernel[i, j, c, o] = sum over positions p of x[p, c] * g[p - (i, j) + pad, o].
+  dk = lax.dot_general(x.reshape(-1, cin), _shifted(g, size).reshape(-1, size * size * cout),
+                       (((0,), (0,)), ((), ())))
+  dk = dk.reshape(cin, size, size, cout).transpose(1, 2, 0, 3)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
