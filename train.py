@@ -49,7 +49,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.info('GLIBC_TUNABLES=%r (see densenet_jax/hugepages.py)', os.environ.get('GLIBC_TUNABLES'))
+  logging.info('GLIBC_TUNABLES=%r (see densenet_jax/hugepages.py)',
+               os.environ.get('GLIBC_TUNABLES'))
   logging.info('Config:\n%s', _CONFIG.value)
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

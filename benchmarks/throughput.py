@@ -234,7 +234,8 @@ def main(argv):
     lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
                  f"{speed} | {j['compile_s']:.1f} | "
                  f"{j['temp_mib']:.0f} | {j['peak_rss_mib']:.0f} | {torch_cell} | {ratio} |")
-  lines.append(f"\nBoth frameworks ran with GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}.")
+  lines.append(f"\nEvery worker ran with GLIBC_TUNABLES="
+               f"{os.environ.get('GLIBC_TUNABLES', '')!r}.")
   table = '\n'.join(lines)
   print(table)
   if _JSON.value:

@@ -30,9 +30,14 @@ _PAGES_4K = (64 << 20) // 4096
 def _child(**env):
   clean = {k: v for k, v in os.environ.items()
            if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT)}
-  proc = subprocess.run([sys.executable, '-c', _CHILD], env=dict(clean, **env),
-                        capture_output=True, text=True, check=True)
-  return json.loads(proc.stdout.splitlines()[-1])
+  proc = subprocess.Popen([sys.executable, '-c', _CHILD], env=dict(clean, **env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out, err = proc.communicate()
+  assert proc.returncode == 0, err
+  report = json.loads(out.splitlines()[-1])
+  # Restarting keeps the PID, so launchers and signals still reach the process.
+  assert report['pid'] == proc.pid
+  return report
 
 
 def _thp_mode():
@@ -58,7 +63,7 @@ def test_restart_adds_the_tunable_to_the_users_tunables(supported):
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
 
 
-def test_no_restart_when_set_opted_out_or_unsupported(supported):
+def test_no_restart_when_already_set_opted_out_or_unsupported(supported):
   del supported
   # The user's own value wins, and the restarted process does not restart again.
   assert hugepages.restart_environment({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}) is None
