@@ -36,12 +36,17 @@ def _glibc_has_tunable() -> bool:
     return False
 
 
-def _kernel_has_thp() -> bool:
+def thp_mode() -> Optional[str]:
+  """The kernel's transparent-huge-page mode ('always', 'madvise', 'never'), None if unknown."""
   try:
     with open(_THP_ENABLED) as f:
-      return '[never]' not in f.read()
-  except OSError:
-    return False
+      return f.read().split('[')[1].split(']')[0]
+  except (OSError, IndexError):
+    return None
+
+
+def _kernel_has_thp() -> bool:
+  return thp_mode() not in (None, 'never')
 
 
 def restart_environment(environ: Mapping[str, str]) -> Optional[dict]:
