@@ -25,7 +25,7 @@ _MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 32, 'Image height and width.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
-_SCAN = flags.DEFINE_integer('scan_segments', 3, 'Scanned loops per dense block; 0: unrolled.')
+_SCAN = flags.DEFINE_integer('scan_segments', 1, 'Scanned loops per dense block; 0: unrolled.')
 
 
 def compiled_memory(name, batch_size, image_size, dtype, memory_efficient, scan_segments):

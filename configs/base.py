@@ -47,7 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.memory_efficient = False
   # Run each dense block as at most this many scanned loops over one feature buffer (compile
   # time independent of depth); 0 compiles every layer separately. Same variables either way.
-  config.model.scan_segments = 3
+  config.model.scan_segments = 1
+  # Input channels per step of a scanned layer's first convolution: its work and backward
+  # workspace follow the layer's own width in steps of this many channels.
+  config.model.scan_chunk = 64
 
   config.dataset = ml_collections.ConfigDict()
   # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', 'svhn_cropped', ...), 'folder' for a

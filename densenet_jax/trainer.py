@@ -131,11 +131,13 @@ def _write_results(workdir: str, step: int, eval_metrics: Dict[str, float], conf
 def model_description(model) -> Dict[str, Any]:
   """The model's architectural fields, as JSON values, for comparison across restarts.
 
-  Compute dtype, memory_efficient and scan_segments are left out: they change how the same
-  network is computed, not the network, and may differ between the machines a run moves across.
+  Compute dtype, memory_efficient, scan_segments and scan_chunk are left out: they change how
+  the same network is computed, not the network, and may differ between the machines a run
+  moves across.
   """
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ('parent', 'name', 'dtype', 'memory_efficient', 'scan_segments')}
+            if f.name not in ('parent', 'name', 'dtype', 'memory_efficient', 'scan_segments',
+                              'scan_chunk')}
   return json.loads(json.dumps(fields))
 
 

@@ -145,6 +145,7 @@ class DenseBlock(nn.Module):
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
   scan_segments: int = 0
+  scan_chunk: int = 64
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -154,7 +155,7 @@ class DenseBlock(nn.Module):
           bn_size=self.bn_size, bottleneck=self.bottleneck, dropout_rate=self.dropout_rate,
           epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
           kernel_init=conv_kernel_init, num_segments=self.scan_segments,
-          memory_efficient=self.memory_efficient, train=train)
+          memory_efficient=self.memory_efficient, train=train, chunk=self.scan_chunk)
     features = [x]
     for i in range(self.num_layers):
       y = DenseLayer(
@@ -208,6 +209,9 @@ class DenseNet(nn.Module):
     dtype: computation dtype (float32 or bfloat16); parameters are always float32.
     memory_efficient: recompute each layer's concatenation, BN, ReLU and first convolution
       in the backward pass so that stored activations grow linearly with depth.
+    scan_segments: run each dense block as at most this many scanned loops over one feature
+      buffer (scanned.py); 0 unrolls every layer. Same variables either way.
+    scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py).
   """
 
   block_sizes: Sequence[int]
@@ -223,7 +227,8 @@ class DenseNet(nn.Module):
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
   memory_efficient: bool = False
-  scan_segments: int = 3
+  scan_segments: int = 1
+  scan_chunk: int = 64
 
   def __post_init__(self):
     validate_fields(self)
@@ -256,6 +261,7 @@ class DenseNet(nn.Module):
           dropout_rate=self.dropout_rate,
           memory_efficient=self.memory_efficient,
           scan_segments=self.scan_segments,
+          scan_chunk=self.scan_chunk,
           name=f'block{i + 1}',
           **common,
       )(x, train)
@@ -300,6 +306,8 @@ def validate_fields(model: DenseNet) -> None:
     fail('dropout_rate', 'a number in [0, 1)')
   if not is_int(model.scan_segments) or model.scan_segments < 0:
     fail('scan_segments', 'a non-negative integer (0: unrolled layers)')
+  if not is_int(model.scan_chunk) or model.scan_chunk <= 0:
+    fail('scan_chunk', 'a positive integer')
   if not is_int(model.num_classes) or model.num_classes <= 0:
     fail('num_classes', 'a positive integer')
   if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:
