@@ -155,7 +155,7 @@ def _loss_and_grads(model, variables, x):
 # (memory_efficient, scan_segments[, scan_chunk]): unrolled memory-efficient, and scanned blocks
 # of 1 segment (every layer padded to the block's width) and of several segments, with layers
 # reading the buffer in one chunk (default 64: wider than these tiny blocks) or several.
-IMPLEMENTATIONS = [(True, 0), (False, 1), (False, 3), (True, 2), (False, 2, 8), (True, 3, 8)]
+IMPLEMENTATIONS = [(True, 0), (False, 1), (False, 3), (True, 2), (False, 2, 8), (True, 3, 5)]
 # The standard implementation: every layer unrolled, autodiff stores what it needs.
 
 

@@ -185,9 +185,14 @@ class Transition(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     x = _bn_relu(x, train, 'norm', self.bn_epsilon, self.bn_momentum, self.dtype)
-    x = _conv(self.out_features, 1, self.dtype, name='conv')(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    conv = _conv(self.out_features, 1, self.dtype, name='conv')
+    pool = lambda y: nn.avg_pool(y, (2, 2), strides=(2, 2))
+    if train and self.dropout_rate > 0:
+      # Dropout acts on the convolution's full-resolution output, as in the paper.
+      return pool(nn.Dropout(self.dropout_rate, deterministic=False)(conv(x)))
+    # A 1x1 convolution and an average pool commute. Pooling first runs the convolution on a
+    # quarter of the positions and leaves its gradient a quarter-size input to keep.
+    return conv(pool(x))
 
 
 class DenseNet(nn.Module):

@@ -16,7 +16,7 @@ and checkpoints move freely between the two.
 A layer's first BN-ReLU-Conv reads the buffer in *chunks* of `chunk` channels, in a loop over as
 many chunks as the layer's own input fills (`_first`). Its work therefore follows its own width,
 not the buffer's, and its backward pass needs workspace for one chunk, not for the whole buffer.
-The buffer's width is rounded up to whole chunks. Before chunks, every layer ran on the whole
+Before chunks, every layer ran on the whole
 padded buffer: that wasted about half the first convolution's work (less with segments, below),
 and the backward pass held about six buffer-wide arrays at once, which was most of the compiled
 memory. Chunks of 64 channels made the train step of DenseNet-BC-100 (batch 64) and densenet121
@@ -131,12 +131,29 @@ def _norm_relu(x, mean, var, scale, bias, epsilon, dtype):
   return jax.nn.relu((x.astype(jnp.float32) - mean) * mul + bias).astype(dtype)
 
 
+def _chunk_start(static: _Static, c, width):
+  """First channel of chunk c of a `width`-channel buffer. The last chunk is moved back to end
+  at the buffer's end, so it may overlap the one before it (see `_chunk_params`)."""
+  return jnp.minimum(c * static.chunk, width - static.chunk)
+
+
+def _chunk(static: _Static, x, c, width):
+  """Chunk c of x's last (channel) axis, `width` long."""
+  return lax.dynamic_slice_in_dim(x, _chunk_start(static, c, width), static.chunk, x.ndim - 1)
+
+
 def _chunk_params(static: _Static, p, c):
-  """The `chunk`-channel slice c of a layer's first BatchNorm and convolution parameters."""
-  start = c * static.chunk
+  """Chunk c of a layer's first BatchNorm and convolution parameters. Channels that the chunk
+  shares with the chunk before it get zero scale, bias and kernel rows: they are counted (and
+  get their gradients) there, and contribute exactly zero here."""
+  width = p['scale1'].shape[0]
+  start = _chunk_start(static, c, width)
+  new = (start + jnp.arange(static.chunk)) >= c * static.chunk
   sl = lambda v, axis: lax.dynamic_slice_in_dim(v, start, static.chunk, axis)
-  return {'scale1': sl(p['scale1'], 0), 'bias1': sl(p['bias1'], 0),
-          'mean1': sl(p['mean1'], 0), 'var1': sl(p['var1'], 0), 'kernel1': sl(p['kernel1'], 2)}
+  return {'scale1': jnp.where(new, sl(p['scale1'], 0), 0.0),
+          'bias1': jnp.where(new, sl(p['bias1'], 0), 0.0),
+          'mean1': sl(p['mean1'], 0), 'var1': sl(p['var1'], 0),
+          'kernel1': jnp.where(new[:, None], sl(p['kernel1'], 2), 0.0)}
 
 
 def _first_chunk(static: _Static, buf_c, mean_c, meansq_c, pc):
@@ -156,11 +173,6 @@ def _num_chunks(static: _Static, in_width):
   return (in_width + static.chunk - 1) // static.chunk
 
 
-def _chunk(static: _Static, x, c):
-  """Chunk c of x's last (channel) axis."""
-  return lax.dynamic_slice_in_dim(x, c * static.chunk, static.chunk, x.ndim - 1)
-
-
 def _first(static: _Static, buf, mean, meansq, p, key, in_width):
   """BN-ReLU-Conv1x1 of a bottleneck layer (BN-ReLU-Conv3x3 without bottleneck) on the layer's
   `in_width` input channels, the buffer's first ones; returns (output, BN statistics).
@@ -176,9 +188,12 @@ def _first(static: _Static, buf, mean, meansq, p, key, in_width):
   else:
     mean1, var1 = p['mean1'], p['var1']
 
+  width = buf.shape[-1]
+
   def body(c, y):
-    return y + _first_chunk(static, _chunk(static, buf, c), _chunk(static, mean, c),
-                            _chunk(static, meansq, c), _chunk_params(static, p, c))
+    chunk = lambda x: _chunk(static, x, c, width)
+    return y + _first_chunk(static, chunk(buf), chunk(mean), chunk(meansq),
+                            _chunk_params(static, p, c))
 
   y = jnp.zeros(buf.shape[:3] + (p['kernel1'].shape[-1],), jnp.float32)
   y = lax.fori_loop(0, _num_chunks(static, in_width), body, y)
@@ -198,15 +213,19 @@ def _first_bwd(static: _Static, buf, mean, meansq, p, key, in_width, d_y, d_buf,
     d_y = vjp(d_y.astype(jnp.float32))[0]
   d_y = d_y.astype(jnp.float32)
 
+  width = buf.shape[-1]
+
   def body(c, carry):
     d_buf, d_mean, d_meansq, d_scale, d_bias, d_kernel = carry
     pc = _chunk_params(static, p, c)
     chunk_fn = lambda b, m, msq, s, bi, kk: _first_chunk(
         static, b, m, msq, {**pc, 'scale1': s, 'bias1': bi, 'kernel1': kk})
-    _, vjp = jax.vjp(chunk_fn, _chunk(static, buf, c), _chunk(static, mean, c),
-                     _chunk(static, meansq, c), pc['scale1'], pc['bias1'], pc['kernel1'])
+    chunk = lambda x: _chunk(static, x, c, width)
+    _, vjp = jax.vjp(chunk_fn, chunk(buf), chunk(mean), chunk(meansq), pc['scale1'],
+                     pc['bias1'], pc['kernel1'])
+    # Zero for channels shared with the chunk before (their parameters are zero here).
     db, dm, dmsq, ds, dbi, dk = vjp(d_y)
-    start = c * static.chunk
+    start = _chunk_start(static, c, width)
 
     def add(total, part, axis=-1):
       axis %= total.ndim
@@ -413,8 +432,7 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
   if train:
     mean, meansq = _batch_stats(buf)
   for start, end in segment_bounds(in_features, k, num_layers, num_segments):
-    # Rounded up to whole chunks of the first convolution's input (`_first`).
-    width = -(-(in_features + end * k) // chunk) * chunk
+    width = in_features + end * k
     extra = width - buf.shape[-1]
     buf = jnp.pad(buf, ((0, 0), (0, 0), (0, 0), (0, extra)))
     if train:
@@ -426,7 +444,8 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *layer_params)
     static = _Static(in_features + start * k, k, bottleneck, train, float(epsilon),
                      float(dropout_rate), jnp.dtype(dtype),
-                     save_bottleneck=bottleneck and not memory_efficient, chunk=chunk)
+                     save_bottleneck=bottleneck and not memory_efficient,
+                     chunk=min(chunk, width))
     buf, mean, meansq, stats = _segment(static, buf, mean, meansq, stacked, keys[start:end])
     if train and not initializing:
       stats = jax.lax.stop_gradient(stats)
@@ -434,4 +453,4 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
         width_i = in_features + i * k   # stats of norm1 are padded to the segment's width
         layers[i](new_stats={name: (v[j, :width_i] if name.endswith('1') else v[j])
                              for name, v in stats.items()}, momentum=momentum)
-  return buf[..., :in_features + num_layers * k]
+  return buf
