@@ -1,7 +1,7 @@
 """Training and inference speed, compile time and memory of densenet_jax, beside torchvision.
 
     python benchmarks/throughput.py                      # the default grid, this machine
-    python benchmarks/throughput.py --cases=densenet121:8:float32:std --steps=5
+    python benchmarks/throughput.py --cases=densenet121:8:float32:std-scan1 --steps=5
     python benchmarks/throughput.py --torch=False --json=out.json --markdown=out.md
 
 Each case runs in a fresh process so that its peak resident memory is its own. A case is
@@ -37,10 +37,11 @@ from absl import flags
 from densenet_jax import hugepages
 
 _CASES = flags.DEFINE_list(
-    'cases', ['densenet121:8:float32:std', 'densenet121:8:float32:eff',
-              'densenet121:8:bfloat16:std', 'densenet_bc100_k12:64:float32:std',
-              'densenet_bc100_k12:64:float32:eff', 'densenet_bc100_k12:64:bfloat16:std'],
-    'MODEL:BATCH:DTYPE:MODE cases.')
+    'cases', ['densenet121:8:float32:std-scan1', 'densenet121:8:float32:eff-scan1',
+              'densenet121:8:bfloat16:std-scan1', 'densenet_bc100_k12:64:float32:std-scan1',
+              'densenet_bc100_k12:64:float32:eff-scan1',
+              'densenet_bc100_k12:64:bfloat16:std-scan1'],
+    'MODEL:BATCH:DTYPE:MODE cases (default: the models\' default scanned blocks).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also measure torchvision when installed.')
 _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')

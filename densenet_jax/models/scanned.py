@@ -16,12 +16,12 @@ and checkpoints move freely between the two.
 A layer's first BN-ReLU-Conv reads the buffer in *chunks* of `chunk` channels, in a loop over as
 many chunks as the layer's own input fills (`_first`). Its work therefore follows its own width,
 not the buffer's, and its backward pass needs workspace for one chunk, not for the whole buffer.
-Before chunks, every layer ran on the whole
-padded buffer: that wasted about half the first convolution's work (less with segments, below),
-and the backward pass held about six buffer-wide arrays at once, which was most of the compiled
-memory. Chunks of 64 channels made the train step of DenseNet-BC-100 (batch 64) and densenet121
-(batch 8) 15-25% faster and cut its compiled memory by a third (memory-efficient mode) on
-2 CPU cores.
+Before chunks, every layer ran on the whole padded buffer: that wasted about half the first
+convolution's work (less with segments, below), and the backward pass held about six buffer-wide
+arrays at once, which was most of the compiled memory. On 2 CPU cores, chunks of 64 channels made
+the standard train step of DenseNet-BC-100 (batch 64) 8-30% faster (three runs, interleaved with
+the unchunked blocks in one process) and densenet121's (batch 8) 16%, and cut compiled memory by
+28-49% across both models and modes.
 
 A block can also be split into *segments*, each a scan over a buffer only as wide as its own last
 layer needs; the split points minimise the padded width summed over layers (`segment_bounds`).
