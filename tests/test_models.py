@@ -143,13 +143,37 @@ def test_train_and_eval_modes():
                              0.1 * jnp.mean(stem_out, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
 
 
-def _loss_and_grads(model, variables, x):
+def _loss_and_grads(model, variables, x, dropout_key=None):
+  rngs = {} if dropout_key is None else {'dropout': dropout_key}
+
   def loss_fn(params):
     logits, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                              train=True, mutable=['batch_stats'])
+                              train=True, mutable=['batch_stats'], rngs=rngs)
     return jnp.sum(jnp.sin(logits)), (logits, upd)
   (loss, (logits, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
   return logits, upd, grads
+
+
+def _assert_trains_as(other, standard, x, dropout_key=None):
+  """`other` has `standard`'s variables, and computes its logits, gradients and BatchNorm
+  updates in training and its logits in evaluation."""
+  variables = standard.init(jax.random.key(0), x)
+  # Same variable tree, same initial values: checkpoints move freely between implementations.
+  other_vars = other.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(other_vars)
+  jax.tree.map(np.testing.assert_array_equal, variables, other_vars)
+
+  logits_s, upd_s, grads_s = _loss_and_grads(standard, variables, x, dropout_key)
+  logits_o, upd_o, grads_o = _loss_and_grads(other, variables, x, dropout_key)
+  np.testing.assert_allclose(logits_o, logits_s, atol=1e-5)
+  # Some gradients are tiny (the stem BatchNorm scale's, near 1e-5, sums that nearly cancel):
+  # a leaf's tolerance is at most 5% of its largest value.
+  close = lambda a, b: np.testing.assert_allclose(
+      a, b, atol=min(1e-5, 0.05 * float(np.abs(b).max())))
+  jax.tree.map(close, grads_o, grads_s)
+  jax.tree.map(close, upd_o, upd_s)
+  np.testing.assert_allclose(other.apply(variables, x), standard.apply(variables, x),
+                             atol=1e-5)
 
 
 # (memory_efficient, scan_segments[, scan_chunk]): unrolled memory-efficient, and scanned blocks
@@ -163,26 +187,37 @@ IMPLEMENTATIONS = [(True, 0), (False, 1), (False, 3), (True, 2), (False, 2, 8), 
 @pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
 def test_implementations_equal_standard(bottleneck, implementation):
   """Every implementation of a dense block computes the standard one's logits, gradients and
-  BatchNorm updates, from the very same variables."""
+  BatchNorm updates, from the very same variables. (The memory-efficient ones also run their
+  transitions in chunks: one chunk of 64, or of 5 channels, the last overlapping.)"""
   memory_efficient, scan_segments, scan_chunk = (implementation + (64,))[:3]
   overrides = dict(bottleneck=bottleneck, depth=28 if bottleneck else 16)
   standard = tiny(scan_segments=0, **overrides)
   other = tiny(memory_efficient=memory_efficient, scan_segments=scan_segments,
                scan_chunk=scan_chunk, **overrides)
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  variables = standard.init(jax.random.key(0), x)
-  # Same variable tree, same initial values: checkpoints move freely between implementations.
-  other_vars = other.init(jax.random.key(0), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(other_vars)
-  jax.tree.map(np.testing.assert_array_equal, variables, other_vars)
+  _assert_trains_as(other, standard, jax.random.normal(jax.random.key(1), (4, 16, 16, 3)))
 
-  logits_s, upd_s, grads_s = _loss_and_grads(standard, variables, x)
-  logits_o, upd_o, grads_o = _loss_and_grads(other, variables, x)
-  np.testing.assert_allclose(logits_o, logits_s, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_o, grads_s)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), upd_o, upd_s)
-  np.testing.assert_allclose(other.apply(variables, x), standard.apply(variables, x),
-                             atol=1e-5)
+
+@pytest.mark.parametrize('implementation', [(True, 0), (True, 2, 5)])
+def test_memory_efficient_imagenet_stem_equals_standard(implementation):
+  """The memory-efficient mode recomputes the ImageNet stem (convolution, BN, ReLU, max pool)
+  in the backward pass: same values, gradients and BatchNorm updates."""
+  memory_efficient, scan_segments, scan_chunk = (implementation + (64,))[:3]
+  overrides = dict(block_sizes=(2, 3), growth_rate=4, num_init_features=8, num_classes=10)
+  standard = create_model('densenet121', scan_segments=0, **overrides)
+  other = create_model('densenet121', memory_efficient=memory_efficient,
+                       scan_segments=scan_segments, scan_chunk=scan_chunk, **overrides)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3)) * 2 + 0.5
+  _assert_trains_as(other, standard, x)
+
+
+def test_memory_efficient_dropout_equals_standard():
+  """With dropout, a memory-efficient transition pools after its convolution and dropout, as
+  the paper orders them, and draws the standard transition's mask."""
+  standard = tiny(depth=16, bottleneck=False, dropout_rate=0.5, scan_segments=0)
+  other = tiny(depth=16, bottleneck=False, dropout_rate=0.5, scan_segments=0,
+               memory_efficient=True, scan_chunk=5)
+  _assert_trains_as(other, standard, jax.random.normal(jax.random.key(1), (4, 16, 16, 3)),
+                    dropout_key=jax.random.key(3))
 
 
 def test_scanned_dropout():
@@ -282,6 +317,7 @@ def test_memory_efficient_halves_compiled_train_memory():
   scanned_standard = temp_bytes(False, scan_segments=1)
   assert temp_bytes(False, scan_segments=2) < 0.6 * standard
   assert scanned_standard < 0.6 * standard
-  # And the memory-efficient mode saves on them too: the backward pass of a layer's first
-  # convolution works chunk by chunk, so the 1x1 outputs it recomputes are most of what is left.
+  # And the memory-efficient mode saves on them too: the backward passes of a layer's first
+  # convolution and of a transition work chunk by chunk, so each layer's 1x1 output, which only
+  # the standard mode stores, is most of the difference.
   assert temp_bytes(True, scan_segments=1) < 0.75 * scanned_standard

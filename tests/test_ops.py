@@ -71,3 +71,23 @@ def test_conv_same_gradients_equal_autodiff(kernel_size):
 
   g = jnp.asarray(rng.standard_normal((2, 6, 5, 3)), jnp.float32)
   _assert_same_vjp(ops.conv_same, reference, (x, kernel), g)
+
+
+@pytest.mark.parametrize('size', [(8, 8), (7, 9)])
+def test_avg_pool2_equals_flax(size):
+  """Transitions pool with `avg_pool2`; it must be `nn.avg_pool`'s 2x2/2 (odd edges dropped)."""
+  x = jax.random.normal(jax.random.key(0), (2, *size, 3))
+  np.testing.assert_allclose(ops.avg_pool2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)),
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('width,chunk', [(24, 5), (24, 8), (7, 7), (130, 64)])
+def test_chunks_cover_every_channel_once(width, chunk):
+  """Chunks stay inside the axis, and the channels each marks as its own cover it exactly once
+  (the last chunk may overlap the one before it)."""
+  owned = np.zeros(width, int)
+  for c in range(int(ops.num_chunks(width, chunk))):
+    start = int(ops.chunk_start(c, chunk, width))
+    assert 0 <= start and start + chunk <= width
+    owned[start:start + chunk] += np.asarray(ops.chunk_is_new(c, chunk, width))
+  np.testing.assert_array_equal(owned, 1)

@@ -174,25 +174,40 @@ class DenseBlock(nn.Module):
 
 
 class Transition(nn.Module):
-  """Between dense blocks: BN-ReLU-Conv1x1 to `out_features` maps, then 2x2 average pooling."""
+  """Between dense blocks: BN-ReLU-Conv1x1 to `out_features` maps, then 2x2 average pooling.
+
+  The memory-efficient mode runs BN-ReLU-Conv1x1 `chunk` input channels at a time and
+  recomputes it in the backward pass (`efficient.bn_relu_conv1x1_chunked`); same variables.
+  """
 
   out_features: int
   dropout_rate: float = 0.0
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
+  memory_efficient: bool = False
+  chunk: int = 64
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = _bn_relu(x, train, 'norm', self.bn_epsilon, self.bn_momentum, self.dtype)
-    conv = _conv(self.out_features, 1, self.dtype, name='conv')
-    pool = lambda y: nn.avg_pool(y, (2, 2), strides=(2, 2))
-    if train and self.dropout_rate > 0:
-      # Dropout acts on the convolution's full-resolution output, as in the paper.
-      return pool(nn.Dropout(self.dropout_rate, deterministic=False)(conv(x)))
+    dropout = train and self.dropout_rate > 0
     # A 1x1 convolution and an average pool commute. Pooling first runs the convolution on a
-    # quarter of the positions and leaves its gradient a quarter-size input to keep.
-    return conv(pool(x))
+    # quarter of the positions and leaves its gradient a quarter-size input to keep. Dropout
+    # acts on the convolution's full-resolution output, as in the paper, so it pools last.
+    pool_first = not dropout
+    if self.memory_efficient:
+      y = efficient.bn_relu_conv1x1_chunked(
+          x, out_features=self.out_features, pool=pool_first, train=train,
+          epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
+          kernel_init=conv_kernel_init, chunk=self.chunk, norm_name='norm', conv_name='conv',
+          initializing=self.is_initializing())
+    else:
+      x = _bn_relu(x, train, 'norm', self.bn_epsilon, self.bn_momentum, self.dtype)
+      y = _conv(self.out_features, 1, self.dtype, name='conv')(ops.avg_pool2(x) if pool_first
+                                                               else x)
+    if pool_first:
+      return y
+    return ops.avg_pool2(nn.Dropout(self.dropout_rate, deterministic=False)(y))
 
 
 class DenseNet(nn.Module):
@@ -216,7 +231,8 @@ class DenseNet(nn.Module):
       in the backward pass so that stored activations grow linearly with depth.
     scan_segments: run each dense block as at most this many scanned loops over one feature
       buffer (scanned.py); 0 unrolls every layer. Same variables either way.
-    scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py).
+    scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py)
+      and of a memory-efficient transition (efficient.bn_relu_conv1x1_chunked).
   """
 
   block_sizes: Sequence[int]
@@ -250,7 +266,12 @@ class DenseNet(nn.Module):
     """Maps images [batch, height, width, channels] to float32 logits [batch, num_classes]."""
     common = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum, dtype=self.dtype)
     x = jnp.asarray(images, self.dtype)
-    if self.stem == 'imagenet':
+    if self.stem == 'imagenet' and self.memory_efficient:
+      x = efficient.recomputed_imagenet_stem(
+          x, features=self.stem_features, train=train, epsilon=self.bn_epsilon,
+          momentum=self.bn_momentum, dtype=self.dtype, kernel_init=conv_kernel_init,
+          conv_name='stem_conv', norm_name='stem_norm', initializing=self.is_initializing())
+    elif self.stem == 'imagenet':
       x = _conv(self.stem_features, 7, self.dtype, name='stem_conv', strides=2)(x)
       x = _bn_relu(x, train, 'stem_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
       x = ops.max_pool(x, window=3, stride=2, padding=1)
@@ -273,8 +294,8 @@ class DenseNet(nn.Module):
       channels += num_layers * self.growth_rate
       if i + 1 < len(self.block_sizes):
         channels = int(self.compression * channels)
-        x = Transition(channels, self.dropout_rate, name=f'transition{i + 1}', **common)(
-            x, train)
+        x = Transition(channels, self.dropout_rate, memory_efficient=self.memory_efficient,
+                       chunk=self.scan_chunk, name=f'transition{i + 1}', **common)(x, train)
     x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype,

@@ -19,6 +19,7 @@ The variables are declared under the same names and shapes as `nn.BatchNorm` and
 a checkpoint of the standard model restores into the memory-efficient one and vice versa.
 """
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -152,3 +153,196 @@ def concat_bn_relu_conv(features: Sequence[Array], *, out_features: int, kernel_
   pad = kernel_size // 2
   return _recomputed(tuple(features), mean, var, scale, bias, kernel,
                      epsilon, ((pad, pad), (pad, pad)), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunked:
+  """What `_chunked_bn_relu_conv` fixes at trace time (hashable, for custom_vjp)."""
+
+  train: bool
+  epsilon: float
+  pool: bool   # 2x2 average pool between the ReLU and the convolution
+  dtype: Any
+  chunk: int   # input channels per step
+
+
+def _bn_relu_conv_chunk(static: _Chunked, x, scale, bias, mean, var, kernel):
+  """BN-ReLU-[pool]-Conv1x1 of one chunk of input channels: its share of the output, and the
+  chunk's BatchNorm statistics (its batch statistics in training, else the given averages)."""
+  x32 = x.astype(jnp.float32)
+  if static.train:
+    mean = jnp.mean(x32, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(lax.square(x32), (0, 1, 2)) - lax.square(mean))
+  h = nn.relu((x32 - mean) * (scale * lax.rsqrt(var + static.epsilon)) + bias)
+  h = h.astype(static.dtype)
+  if static.pool:
+    h = ops.avg_pool2(h)
+  return ops.pointwise(h, kernel.astype(static.dtype)).astype(jnp.float32), (mean, var)
+
+
+def _chunk_inputs(static: _Chunked, c, x, scale, bias, mean, var, kernel):
+  """Chunk c of the inputs, and its first channel. Channels it shares with the chunk before
+  get zero scale, bias and kernel rows: they add exactly zero, and get zero gradient, here."""
+  width = x.shape[-1]
+  start = ops.chunk_start(c, static.chunk, width)
+  new = ops.chunk_is_new(c, static.chunk, width)
+  sl = lambda v, axis: lax.dynamic_slice_in_dim(v, start, static.chunk, axis)
+  return (sl(x, 3), jnp.where(new, sl(scale, 0), 0.0), jnp.where(new, sl(bias, 0), 0.0),
+          sl(mean, 0), sl(var, 0), jnp.where(new[:, None], sl(kernel, 2), 0.0)), start
+
+
+def _add_at(total, part, start, axis):
+  """total with `part` added in place at `start` along `axis`."""
+  old = lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis)
+  return lax.dynamic_update_slice_in_dim(total, old + part.astype(total.dtype), start, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_bn_relu_conv(static: _Chunked, x, scale, bias, mean, var, kernel):
+  """conv1x1([pool](relu(batch_norm(x)))) summed over chunks of x's channels; returns it with
+  the per-channel BatchNorm statistics used. BatchNorm and ReLU act per channel (batch
+  statistics too), so each chunk's share is exact on its own."""
+  n, h, w, width = x.shape
+  if static.pool:
+    h, w = h // 2, w // 2
+
+  def body(c, carry):
+    y, mean_out, var_out = carry
+    inputs, start = _chunk_inputs(static, c, x, scale, bias, mean, var, kernel)
+    y_c, (mean_c, var_c) = _bn_relu_conv_chunk(static, *inputs)
+    return (y + y_c, lax.dynamic_update_slice_in_dim(mean_out, mean_c, start, 0),
+            lax.dynamic_update_slice_in_dim(var_out, var_c, start, 0))
+
+  init = (jnp.zeros((n, h, w, kernel.shape[-1]), jnp.float32),
+          jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32))
+  y, mean_out, var_out = lax.fori_loop(0, ops.num_chunks(width, static.chunk), body, init)
+  return y.astype(static.dtype), (mean_out, var_out)
+
+
+def _chunked_fwd(static, x, scale, bias, mean, var, kernel):
+  # Residuals: the inputs only; x is the dense block's output, which its own backward pass
+  # keeps anyway.
+  return _chunked_bn_relu_conv(static, x, scale, bias, mean, var, kernel), (
+      x, scale, bias, mean, var, kernel)
+
+
+def _chunked_bwd(static, residuals, cotangents):
+  """Recomputes and differentiates chunk by chunk: workspace for one chunk, not for all of x.
+  The statistics output is only used for running averages and gets no gradient."""
+  x, scale, bias, mean, var, kernel = residuals
+  g = cotangents[0].astype(jnp.float32)
+
+  def body(c, carry):
+    dx, dscale, dbias, dkernel = carry
+    (x_c, scale_c, bias_c, mean_c, var_c, kernel_c), start = _chunk_inputs(
+        static, c, x, scale, bias, mean, var, kernel)
+    f = lambda xx, s, b, k: _bn_relu_conv_chunk(static, xx, s, b, mean_c, var_c, k)[0]
+    _, vjp = jax.vjp(f, x_c, scale_c, bias_c, kernel_c)
+    dx_c, dscale_c, dbias_c, dkernel_c = vjp(g)
+    return (_add_at(dx, dx_c, start, 3), _add_at(dscale, dscale_c, start, 0),
+            _add_at(dbias, dbias_c, start, 0), _add_at(dkernel, dkernel_c, start, 2))
+
+  zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
+  dx, dscale, dbias, dkernel = lax.fori_loop(
+      0, ops.num_chunks(x.shape[-1], static.chunk), body,
+      (zeros(x), zeros(scale), zeros(bias), zeros(kernel)))
+  return dx.astype(x.dtype), dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var), dkernel
+
+
+_chunked_bn_relu_conv.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def bn_relu_conv1x1_chunked(x: Array, *, out_features: int, pool: bool, train: bool,
+                            epsilon: float, momentum: float, dtype: Any, kernel_init: Any,
+                            chunk: int, norm_name: str, conv_name: str,
+                            initializing: bool) -> Array:
+  """`conv1x1(relu(batch_norm(x)))`, with a 2x2 average pool before the convolution if
+  `pool`, computed `chunk` input channels at a time in both passes.
+
+  A transition's input is its whole dense block's output. Autodiff of BN-ReLU-pool-conv holds
+  several arrays of that size at once in the backward pass (the centred input, the ReLU's mask,
+  the pool's and the normalisation's gradients), on top of the block's own saved buffer and its
+  gradient; in the memory-efficient DenseNet-BC-100 (batch 64) four such arrays of the first
+  block's width made the train step's peak. Here the backward pass recomputes and
+  differentiates one chunk at a time and holds one input-sized array, the input gradient.
+
+  Variables are declared as `concat_bn_relu_conv` declares them: `nn.BatchNorm`'s under
+  `norm_name`, a bias-free 1x1 `nn.Conv`'s under `conv_name`.
+  """
+  channels = x.shape[-1]
+  norm = _BatchNormVariables(channels, name=norm_name)
+  scale, bias, ra_mean, ra_var = norm()
+  kernel = _ConvKernel((1, 1, channels, out_features), kernel_init, name=conv_name)()
+  static = _Chunked(train, float(epsilon), pool, jnp.dtype(dtype), min(chunk, channels))
+  y, batch_stats = _chunked_bn_relu_conv(static, x, scale, bias, ra_mean, ra_var, kernel)
+  if train and not initializing:
+    norm(batch_stats, momentum)
+  return y
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stem:
+  """What `_recomputed_stem` fixes at trace time (hashable, for custom_vjp)."""
+
+  train: bool
+  epsilon: float
+  dtype: Any
+
+
+def _stem_forward(static: _Stem, images, kernel, scale, bias, mean, var):
+  """7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max pool; returns it and the BN statistics."""
+  x = lax.conv_general_dilated(images.astype(static.dtype), kernel.astype(static.dtype),
+                               (2, 2), ((3, 3), (3, 3)),
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x32 = x.astype(jnp.float32)
+  if static.train:
+    mean = jnp.mean(x32, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(lax.square(x32), (0, 1, 2)) - lax.square(mean))
+  h = nn.relu((x32 - mean) * (scale * lax.rsqrt(var + static.epsilon)) + bias)
+  return ops.max_pool(h.astype(static.dtype), 3, 2, 1), (mean, var)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputed_stem(static: _Stem, images, kernel, scale, bias, mean, var):
+  return _stem_forward(static, images, kernel, scale, bias, mean, var)
+
+
+def _recomputed_stem_fwd(static, *inputs):
+  # Residuals: the inputs only, the images being 1/16 the size of one stem activation.
+  return _stem_forward(static, *inputs), inputs
+
+
+def _recomputed_stem_bwd(static, residuals, cotangents):
+  images, kernel, scale, bias, mean, var = residuals
+  g = cotangents[0]
+  # Depend on the cotangent, as in `_recomputed_bwd`, so that no pass merges the
+  # recomputation back into the forward pass.
+  images = images + (0.0 * g.ravel()[0]).astype(images.dtype)
+  f = lambda im, k, s, b: _stem_forward(static, im, k, s, b, mean, var)[0]
+  _, vjp = jax.vjp(f, images, kernel, scale, bias)
+  return (*vjp(g), jnp.zeros_like(mean), jnp.zeros_like(var))
+
+
+_recomputed_stem.defvjp(_recomputed_stem_fwd, _recomputed_stem_bwd)
+
+
+def recomputed_imagenet_stem(images: Array, *, features: int, train: bool, epsilon: float,
+                             momentum: float, dtype: Any, kernel_init: Any, conv_name: str,
+                             norm_name: str, initializing: bool) -> Array:
+  """The ImageNet stem (7x7/2 convolution, BN, ReLU, 3x3/2 max pool), recomputed from the
+  images in the backward pass.
+
+  Its activations are at half the input resolution: at 224x224 each is as large as the whole
+  first dense block's output, and autodiff keeps three of them (the convolution's output, the
+  pool's input, its padded copy) through the entire backward pass. Recomputing costs one stem
+  forward pass per step and keeps only the images. Variables as `nn.Conv` (bias-free, under
+  `conv_name`) and `nn.BatchNorm` (under `norm_name`) declare them.
+  """
+  kernel = _ConvKernel((7, 7, images.shape[-1], features), kernel_init, name=conv_name)()
+  norm = _BatchNormVariables(features, name=norm_name)
+  scale, bias, ra_mean, ra_var = norm()
+  y, batch_stats = _recomputed_stem(_Stem(train, float(epsilon), jnp.dtype(dtype)),
+                                    images, kernel, scale, bias, ra_mean, ra_var)
+  if train and not initializing:
+    norm(batch_stats, momentum)
+  return y

@@ -49,6 +49,33 @@ def _pointwise_bwd(residuals, g):
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+def chunk_start(c, chunk: int, width: int):
+  """First channel of chunk c when a `width`-channel axis is read `chunk` channels at a time.
+
+  The last chunk is moved back to end at the axis's end rather than running past it, so it may
+  overlap the chunk before; `chunk_is_new` tells which of its channels are its own.
+  """
+  return jnp.minimum(c * chunk, width - chunk)
+
+
+def chunk_is_new(c, chunk: int, width: int):
+  """[chunk] bool: which channels of chunk c no earlier chunk has covered."""
+  return chunk_start(c, chunk, width) + jnp.arange(chunk) >= c * chunk
+
+
+def num_chunks(width, chunk: int):
+  """Chunks of `chunk` channels that cover `width` channels (width may be traced)."""
+  return (width + chunk - 1) // chunk
+
+
+def avg_pool2(x: jax.Array) -> jax.Array:
+  """2x2 average pooling with stride 2 of NHWC input, as `nn.avg_pool(x, (2, 2), (2, 2))`
+  (an odd last row or column is dropped), written as a reshape and a mean."""
+  n, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2]
+  return jnp.mean(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
 def _conv_same(x, kernel):
   pad = kernel.shape[0] // 2
   return lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),

@@ -132,9 +132,8 @@ def _norm_relu(x, mean, var, scale, bias, epsilon, dtype):
 
 
 def _chunk_start(static: _Static, c, width):
-  """First channel of chunk c of a `width`-channel buffer. The last chunk is moved back to end
-  at the buffer's end, so it may overlap the one before it (see `_chunk_params`)."""
-  return jnp.minimum(c * static.chunk, width - static.chunk)
+  """First channel of chunk c of a `width`-channel buffer (see `ops.chunk_start`)."""
+  return ops.chunk_start(c, static.chunk, width)
 
 
 def _chunk(static: _Static, x, c, width):
@@ -148,7 +147,7 @@ def _chunk_params(static: _Static, p, c):
   get their gradients) there, and contribute exactly zero here."""
   width = p['scale1'].shape[0]
   start = _chunk_start(static, c, width)
-  new = (start + jnp.arange(static.chunk)) >= c * static.chunk
+  new = ops.chunk_is_new(c, static.chunk, width)
   sl = lambda v, axis: lax.dynamic_slice_in_dim(v, start, static.chunk, axis)
   return {'scale1': jnp.where(new, sl(p['scale1'], 0), 0.0),
           'bias1': jnp.where(new, sl(p['bias1'], 0), 0.0),
@@ -166,11 +165,6 @@ def _first_chunk(static: _Static, buf_c, mean_c, meansq_c, pc):
   kernel = pc['kernel1'].astype(static.dtype)
   y = ops.pointwise(h, kernel) if static.bottleneck else ops.conv_same(h, kernel)
   return y.astype(jnp.float32)
-
-
-def _num_chunks(static: _Static, in_width):
-  """Chunks holding a layer's `in_width` input channels (a traced count)."""
-  return (in_width + static.chunk - 1) // static.chunk
 
 
 def _first(static: _Static, buf, mean, meansq, p, key, in_width):
@@ -196,7 +190,7 @@ def _first(static: _Static, buf, mean, meansq, p, key, in_width):
                             _chunk_params(static, p, c))
 
   y = jnp.zeros(buf.shape[:3] + (p['kernel1'].shape[-1],), jnp.float32)
-  y = lax.fori_loop(0, _num_chunks(static, in_width), body, y)
+  y = lax.fori_loop(0, ops.num_chunks(in_width, static.chunk), body, y)
   if static.dropout_rate > 0 and static.train:
     y = _dropout(y, static.dropout_rate, _keys(static, key)[0])
   return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
@@ -238,7 +232,7 @@ def _first_bwd(static: _Static, buf, mean, meansq, p, key, in_width, d_y, d_buf,
   zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
   carry = (d_buf, d_mean, d_meansq, zeros(p['scale1']), zeros(p['bias1']), zeros(p['kernel1']))
   d_buf, d_mean, d_meansq, d_scale, d_bias, d_kernel = lax.fori_loop(
-      0, _num_chunks(static, in_width), body, carry)
+      0, ops.num_chunks(in_width, static.chunk), body, carry)
   return d_buf, d_mean, d_meansq, {'scale1': d_scale, 'bias1': d_bias, 'kernel1': d_kernel}
 
 
