@@ -35,6 +35,7 @@ from absl import app
 from absl import flags
 
 from densenet_jax import hugepages
+from harness import compiled_train_step
 
 _CASES = flags.DEFINE_list(
     'cases', ['densenet121:8:float32:std-scan1', 'densenet121:8:float32:eff-scan1',
@@ -81,26 +82,11 @@ def measure_jax(name, batch, dtype, mode, steps):
   """One densenet_jax case: the real train step of the trainer (SGD, BatchNorm updates)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  import numpy as np
-  import optax
   from densenet_jax import train_lib
   from densenet_jax.models import create_model
 
   model = create_model(name, dtype=jnp.dtype(dtype), **model_options(mode))
-  size = 224 if model.stem == 'imagenet' else 32
-  mesh = train_lib.create_mesh()
-  tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
-  schedule = optax.constant_schedule(0.1)
-  state, shardings = train_lib.create_train_state(model, tx, 0, (size, size, 3), mesh)
-  p_train, _ = train_lib.compile_steps(model, tx, schedule, 0.0, shardings, mesh)
-  rng = np.random.default_rng(0)
-  batch_np = {'image': rng.standard_normal((batch, size, size, 3), np.float32),
-              'label': rng.integers(0, model.num_classes, batch).astype(np.int32)}
-  data = train_lib.to_global(batch_np, mesh)
-  start = time.perf_counter()
-  compiled = p_train.lower(state, data).compile()
-  compile_s = time.perf_counter() - start
-  temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+  compiled, state, data, compile_s, temp_mib = compiled_train_step(model, batch)
   if steps == 0:   # --compile_only
     return dict(compile_s=compile_s, temp_mib=temp_mib, peak_rss_mib=_peak_rss_mib(),
                 device=str(jax.devices()[0].device_kind))
@@ -112,7 +98,7 @@ def measure_jax(name, batch, dtype, mode, steps):
 
   train_s = _timed(train, steps)
   infer = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                  compiler_options=train_lib.compiler_options(mesh))
+                  compiler_options=train_lib.compiler_options(train_lib.create_mesh()))
   variables = {'params': holder['state'].params, 'batch_stats': holder['state'].batch_stats}
   infer_s = _timed(lambda: jax.block_until_ready(infer(variables, data['image'])), steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s, compile_s=compile_s,

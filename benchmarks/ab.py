@@ -1,0 +1,108 @@
+"""Interleaved timing of model variants' train steps in one process: A/B tests of a change.
+
+    python benchmarks/ab.py --model=densenet_bc100_k12 --batch_size=64 \\
+        --variants='scan_chunk=64;scan_chunk=32' --steps=8
+    python benchmarks/ab.py --model=densenet121 --batch_size=8 \\
+        --variants='memory_efficient=False;memory_efficient=True'
+    python benchmarks/ab.py --model=densenet_bc --overrides=depth=40,growth_rate=12 \\
+        --variants='dtype=float32;dtype=bfloat16'
+
+On a shared machine one step's speed drifts by 10-20% within minutes (see the README's
+Performance section), more than most single changes: variants measured one after another
+compare the machine's minutes as much as the variants. Here every variant is compiled first,
+then each round times one train step of every variant in turn, so that drift falls on all of
+them alike. The table gives each variant's median and fastest step, images/s, compiled temp
+memory and its median's ratio to the first variant's.
+
+A variant is a comma-separated list of FIELD=VALUE settings of `create_model` (DenseNet fields,
+and depth for CIFAR families), values as Python literals (True, 32, 0.5) or dtype names
+(bfloat16); `--overrides` applies to every variant, and an empty variant is the model as
+`--model` and `--overrides` give it. Steps are the trainer's real jitted train step (SGD,
+BatchNorm updates), as in throughput.py. Like train.py, it restarts itself with the glibc
+huge-page tunable (densenet_jax/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it off).
+"""
+
+import ast
+import json
+import statistics
+import time
+
+from absl import app
+from absl import flags
+
+from densenet_jax import hugepages
+from harness import compiled_train_step
+
+_MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name.')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
+_OVERRIDES = flags.DEFINE_string('overrides', '', 'FIELD=VALUE,... for every variant.')
+_VARIANTS = flags.DEFINE_string(
+    'variants', 'memory_efficient=False;memory_efficient=True',
+    'Variants separated by ";", each FIELD=VALUE,... (the first is the baseline).')
+_STEPS = flags.DEFINE_integer('steps', 8, 'Timed rounds, after one warm-up round.')
+_JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+
+
+def parse_settings(text: str) -> dict:
+  """'a=1,b=True,dtype=bfloat16' -> {'a': 1, 'b': True, 'dtype': jnp.bfloat16}."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  settings = {}
+  for item in filter(None, (part.strip() for part in text.split(','))):
+    name, sep, value = item.partition('=')
+    if not sep or not name.strip():
+      raise ValueError(f'{item!r}: expected FIELD=VALUE')
+    name, value = name.strip(), value.strip()
+    if name == 'dtype':
+      settings[name] = jnp.dtype(value)
+      continue
+    try:
+      settings[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      raise ValueError(f'{item!r}: {value!r} is not a Python literal') from None
+  return settings
+
+
+def main(argv):
+  del argv
+  hugepages.restart_with_hugepages()
+  import jax  # pylint: disable=g-import-not-at-top
+  from densenet_jax.models import create_model
+
+  base = parse_settings(_OVERRIDES.value)
+  names = [v.strip() for v in _VARIANTS.value.split(';')]
+  # Every variant is built (and so validated) before anything compiles.
+  models = [create_model(_MODEL.value, **{**base, **parse_settings(v)}) for v in names]
+  runs = []
+  for name, model in zip(names, models):
+    compiled, state, data, compile_s, temp_mib = compiled_train_step(model, _BATCH.value)
+    runs.append(dict(variant=name or '(as named)', compiled=compiled, state=state, data=data,
+                     compile_s=compile_s, temp_mib=temp_mib, times=[]))
+    print(f'compiled {name or "(as named)"}: {compile_s:.1f} s, {temp_mib:.0f} MiB',
+          flush=True)
+  for round_ in range(_STEPS.value + 1):
+    for run in runs:
+      start = time.perf_counter()
+      run['state'], metrics = run['compiled'](run['state'], run['data'])
+      jax.block_until_ready(metrics)
+      if round_:   # round 0 warms up
+        run['times'].append(time.perf_counter() - start)
+  baseline = statistics.median(runs[0]['times'])
+  results = []
+  print(f'{_MODEL.value} {_OVERRIDES.value}, batch {_BATCH.value}, {_STEPS.value} rounds')
+  print('| variant | median ms | min ms | img/s | temp MiB | vs first |\n|---|---|---|---|---|---|')
+  for run in runs:
+    median = statistics.median(run['times'])
+    results.append(dict(variant=run['variant'], median_ms=median * 1e3,
+                        min_ms=min(run['times']) * 1e3, images_per_s=_BATCH.value / median,
+                        temp_mib=run['temp_mib'], compile_s=run['compile_s'],
+                        ratio=median / baseline))
+    r = results[-1]
+    print(f"| {r['variant']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
+          f"{r['images_per_s']:.2f} | {r['temp_mib']:.0f} | {r['ratio']:.3f} |")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
