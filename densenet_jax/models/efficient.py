@@ -1,4 +1,8 @@
-"""Memory-efficient concatenation + BN + ReLU + convolution (Pleiss et al., 2017).
+"""The memory-efficient mode: what it recomputes in the backward pass instead of storing.
+
+Each layer's concatenation + BN + ReLU + convolution (Pleiss et al., 2017), below; the
+transitions, chunk by chunk (`bn_relu_conv1x1_chunked`); the ImageNet stem
+(`recomputed_imagenet_stem`).
 
 In a dense block, layer i reads the concatenation of all i earlier feature maps. Plain autodiff
 stores, for every layer, that concatenation and its normalised, rectified copy: stored memory
@@ -191,12 +195,6 @@ def _chunk_inputs(static: _Chunked, c, x, scale, bias, mean, var, kernel):
           sl(mean, 0), sl(var, 0), jnp.where(new[:, None], sl(kernel, 2), 0.0)), start
 
 
-def _add_at(total, part, start, axis):
-  """total with `part` added in place at `start` along `axis`."""
-  old = lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis)
-  return lax.dynamic_update_slice_in_dim(total, old + part.astype(total.dtype), start, axis)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _chunked_bn_relu_conv(static: _Chunked, x, scale, bias, mean, var, kernel):
   """conv1x1([pool](relu(batch_norm(x)))) summed over chunks of x's channels; returns it with
@@ -239,8 +237,8 @@ def _chunked_bwd(static, residuals, cotangents):
     f = lambda xx, s, b, k: _bn_relu_conv_chunk(static, xx, s, b, mean_c, var_c, k)[0]
     _, vjp = jax.vjp(f, x_c, scale_c, bias_c, kernel_c)
     dx_c, dscale_c, dbias_c, dkernel_c = vjp(g)
-    return (_add_at(dx, dx_c, start, 3), _add_at(dscale, dscale_c, start, 0),
-            _add_at(dbias, dbias_c, start, 0), _add_at(dkernel, dkernel_c, start, 2))
+    return (ops.add_at(dx, dx_c, start, 3), ops.add_at(dscale, dscale_c, start, 0),
+            ops.add_at(dbias, dbias_c, start, 0), ops.add_at(dkernel, dkernel_c, start, 2))
 
   zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
   dx, dscale, dbias, dkernel = lax.fori_loop(

@@ -68,6 +68,13 @@ def num_chunks(width, chunk: int):
   return (width + chunk - 1) // chunk
 
 
+def add_at(total: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
+  """`total` with `part` added at `start` along `axis` (in place inside a loop body)."""
+  axis %= total.ndim
+  old = lax.dynamic_slice_in_dim(total, start, part.shape[axis], axis)
+  return lax.dynamic_update_slice_in_dim(total, old + part.astype(total.dtype), start, axis)
+
+
 def avg_pool2(x: jax.Array) -> jax.Array:
   """2x2 average pooling with stride 2 of NHWC input, as `nn.avg_pool(x, (2, 2), (2, 2))`
   (an odd last row or column is dropped), written as a reshape and a mean."""

@@ -220,12 +220,7 @@ def _first_bwd(static: _Static, buf, mean, meansq, p, key, in_width, d_y, d_buf,
     # Zero for channels shared with the chunk before (their parameters are zero here).
     db, dm, dmsq, ds, dbi, dk = vjp(d_y)
     start = _chunk_start(static, c, width)
-
-    def add(total, part, axis=-1):
-      axis %= total.ndim
-      old = lax.dynamic_slice_in_dim(total, start, static.chunk, axis)
-      return lax.dynamic_update_slice_in_dim(total, old + part.astype(total.dtype), start, axis)
-
+    add = lambda total, part, axis=-1: ops.add_at(total, part, start, axis)
     return (add(d_buf, db), add(d_mean, dm), add(d_meansq, dmsq), add(d_scale, ds),
             add(d_bias, dbi), add(d_kernel, dk, axis=2))
 
