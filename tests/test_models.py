@@ -321,3 +321,17 @@ def test_memory_efficient_halves_compiled_train_memory():
   # convolution and of a transition work chunk by chunk, so each layer's 1x1 output, which only
   # the standard mode stores, is most of the difference.
   assert temp_bytes(True, scan_segments=1) < 0.75 * scanned_standard
+
+
+def test_memory_efficient_stem_keeps_no_activation():
+  """The recomputed ImageNet stem must survive compilation: in a model whose stem dominates,
+  the memory-efficient train step needs much less memory (0.74x here; 0.96x with the stem
+  stored, as the standard mode stores it)."""
+
+  def temp_bytes(memory_efficient):
+    model = create_model('densenet121', block_sizes=(2, 2), growth_rate=4, num_init_features=16,
+                         num_classes=10, memory_efficient=memory_efficient)
+    compiled = _lowered_train_gradient(model, (16, 64, 64, 3)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes(True) < 0.85 * temp_bytes(False)
