@@ -241,10 +241,10 @@ def _chunked_bwd(static, residuals, cotangents):
             ops.add_at(dbias, dbias_c, start, 0), ops.add_at(dkernel, dkernel_c, start, 2))
 
   zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
-  # The input gradient starts as zeros computed from g: a constant zero array, XLA schedules at
-  # the start of the step, where it stayed allocated through the whole forward pass (the
-  # largest block's width: 258 MiB in DenseNet-BC L=250 at batch 64). As in `_recomputed_bwd`,
-  # a NaN g makes the whole gradient NaN, which only happens once training has diverged.
+  # The input gradient starts from zeros computed from g. XLA scheduled a constant zero array
+  # at the start of the step, and it stayed allocated through the whole forward pass (a block
+  # output's size: 258 MiB in DenseNet-BC L=250 at batch 64). As in `_recomputed_bwd`, a NaN g
+  # makes the whole gradient NaN, which only happens once training has diverged.
   dx = jnp.full(x.shape, 0.0 * g.ravel()[0], jnp.float32)
   dx, dscale, dbias, dkernel = lax.fori_loop(
       0, ops.num_chunks(x.shape[-1], static.chunk), body,
