@@ -159,6 +159,16 @@ def concat_bn_relu_conv(features: Sequence[Array], *, out_features: int, kernel_
                      epsilon, ((pad, pad), (pad, pad)), dtype)
 
 
+def _batch_norm_relu(x, scale, bias, mean, var, train: bool, epsilon: float):
+  """relu(batch_norm(x)) in float32, and the statistics it used: x's own batch statistics in
+  training (as Flax's BatchNorm computes them, E[x^2] - E[x]^2), else the given averages."""
+  x32 = x.astype(jnp.float32)
+  if train:
+    mean = jnp.mean(x32, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(lax.square(x32), (0, 1, 2)) - lax.square(mean))
+  return nn.relu((x32 - mean) * (scale * lax.rsqrt(var + epsilon)) + bias), (mean, var)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Chunked:
   """What `_chunked_bn_relu_conv` fixes at trace time (hashable, for custom_vjp)."""
@@ -173,11 +183,7 @@ class _Chunked:
 def _bn_relu_conv_chunk(static: _Chunked, x, scale, bias, mean, var, kernel):
   """BN-ReLU-[pool]-Conv1x1 of one chunk of input channels: its share of the output, and the
   chunk's BatchNorm statistics (its batch statistics in training, else the given averages)."""
-  x32 = x.astype(jnp.float32)
-  if static.train:
-    mean = jnp.mean(x32, (0, 1, 2))
-    var = jnp.maximum(0.0, jnp.mean(lax.square(x32), (0, 1, 2)) - lax.square(mean))
-  h = nn.relu((x32 - mean) * (scale * lax.rsqrt(var + static.epsilon)) + bias)
+  h, (mean, var) = _batch_norm_relu(x, scale, bias, mean, var, static.train, static.epsilon)
   h = h.astype(static.dtype)
   if static.pool:
     h = ops.avg_pool2(h)
@@ -297,11 +303,7 @@ def _stem_forward(static: _Stem, images, kernel, scale, bias, mean, var):
   x = lax.conv_general_dilated(images.astype(static.dtype), kernel.astype(static.dtype),
                                (2, 2), ((3, 3), (3, 3)),
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  x32 = x.astype(jnp.float32)
-  if static.train:
-    mean = jnp.mean(x32, (0, 1, 2))
-    var = jnp.maximum(0.0, jnp.mean(lax.square(x32), (0, 1, 2)) - lax.square(mean))
-  h = nn.relu((x32 - mean) * (scale * lax.rsqrt(var + static.epsilon)) + bias)
+  h, (mean, var) = _batch_norm_relu(x, scale, bias, mean, var, static.train, static.epsilon)
   return ops.max_pool(h.astype(static.dtype), 3, 2, 1), (mean, var)
 
 
