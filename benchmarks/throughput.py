@@ -12,11 +12,17 @@ models and 32x32 for CIFAR ones. For each case the table gives: train images/s a
 images/s (median over --steps timed steps after two warm-up steps), the train step's compile
 time, XLA's compiled temporary memory of the train step, and the process's peak RSS. When torch
 and torchvision are importable, torchvision's same model (DenseNet-BC-100 with a CIFAR stem
-swapped in) is measured on the same inputs, float32 only, and the ratio jax/torch is printed.
+swapped in) is measured on the same inputs, float32 (and bfloat16 on a GPU, below), and the ratio jax/torch is printed.
 
 On a GPU or TPU host run the same command after installing the matching jax (jax[cuda12] or
-jax[tpu]); timings then include `block_until_ready`, so they are device times. Peak RSS is host
-memory there; compare device memory with the compiled temp figure instead.
+jax[tpu]); `benchmarks/gpu.sh` holds the grid we run on a GPU. Timings block until the device is
+done (`block_until_ready`, `torch.cuda.synchronize`), so they are device times. There the table
+adds each framework's peak device memory (the allocators' peak bytes in use during the train
+steps: JAX's `memory_stats()`, `torch.cuda.max_memory_allocated`); peak RSS is host memory.
+torchvision then runs on the GPU too, with `cudnn.benchmark` on (it autotunes its convolutions
+as XLA does), and bfloat16 rows get torchvision under `torch.autocast(bfloat16)`. Both
+frameworks keep their defaults for float32 convolutions, which on NVIDIA GPUs since Ampere is
+TF32 (JAX's default precision, torch's `cudnn.allow_tf32`); the JSON records both settings.
 
 The script restarts itself with glibc's transparent-huge-page tunable (densenet_jax/hugepages.py),
 as train.py does; every worker, torchvision's included, inherits it. DENSENET_JAX_HUGEPAGES=0
@@ -50,6 +56,9 @@ _MARKDOWN = flags.DEFINE_string('markdown', None, 'Write the table here as markd
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Only compile the train step: compile time and temp memory, for '
     'models too large or slow to run here.')
+_CASE_TIMEOUT = flags.DEFINE_integer(
+    'case_timeout', None, 'Seconds one case (one worker process) may take; a case that takes '
+    'longer is reported as an error and the next one runs.')
 _WORKER = flags.DEFINE_string('worker', None, 'Internal: measure one case in this process.')
 
 
@@ -57,10 +66,20 @@ def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _timed(fn, steps):
-  """Median seconds of fn() over `steps` calls after two warm-up calls."""
+def _peak_device_mib(device):
+  """Peak bytes in use of a JAX device's allocator, MiB; None where it keeps no statistics (CPU)."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return stats['peak_bytes_in_use'] / 2**20
+
+
+def _timed(fn, steps, after_warmup=None):
+  """Median seconds of fn() over `steps` calls after two warm-up calls (then after_warmup())."""
   for _ in range(2):
     fn()
+  if after_warmup:
+    after_warmup()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -87,9 +106,11 @@ def measure_jax(name, batch, dtype, mode, steps):
 
   model = create_model(name, dtype=jnp.dtype(dtype), **model_options(mode))
   compiled, state, data, compile_s, temp_mib = compiled_train_step(model, batch)
+  device = jax.devices()[0]
+  about = dict(device=str(device.device_kind), platform=device.platform, jax=jax.__version__,
+               default_matmul_precision=str(jax.config.jax_default_matmul_precision))
   if steps == 0:   # --compile_only
-    return dict(compile_s=compile_s, temp_mib=temp_mib, peak_rss_mib=_peak_rss_mib(),
-                device=str(jax.devices()[0].device_kind))
+    return dict(compile_s=compile_s, temp_mib=temp_mib, peak_rss_mib=_peak_rss_mib(), **about)
   holder = {'state': state}
 
   def train():
@@ -97,13 +118,14 @@ def measure_jax(name, batch, dtype, mode, steps):
     jax.block_until_ready(metrics)
 
   train_s = _timed(train, steps)
+  peak_device_mib = _peak_device_mib(device)   # before inference: the train steps' peak
   infer = jax.jit(lambda v, x: model.apply(v, x, train=False),
                   compiler_options=train_lib.compiler_options(train_lib.create_mesh()))
   variables = {'params': holder['state'].params, 'batch_stats': holder['state'].batch_stats}
   infer_s = _timed(lambda: jax.block_until_ready(infer(variables, data['image'])), steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s, compile_s=compile_s,
               temp_mib=temp_mib, peak_rss_mib=_peak_rss_mib(),
-              device=str(jax.devices()[0].device_kind))
+              peak_device_mib=peak_device_mib, **about)
 
 
 def _torch_model(name, mode):
@@ -123,30 +145,50 @@ def _torch_model(name, mode):
   return getattr(torchvision.models, name)(memory_efficient=efficient), 224
 
 
-def measure_torch(name, batch, mode, steps):
-  """torchvision's model, float32, the same SGD step."""
-  import torch  # pylint: disable=g-import-not-at-top
+def measure_torch(name, batch, dtype, mode, steps):
+  """torchvision's model, the same SGD step: float32, or bfloat16 autocast on a GPU."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch
+  cuda = torch.cuda.is_available()
+  device = torch.device('cuda' if cuda else 'cpu')
+  if cuda:
+    torch.backends.cudnn.benchmark = True
   model, size = _torch_model(name, mode)
+  model = model.to(device)
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-  x = torch.randn(batch, 3, size, size)
-  y = torch.randint(0, 10, (batch,))
+  x = torch.randn(batch, 3, size, size, device=device)
+  y = torch.randint(0, 10, (batch,), device=device)
   loss_fn = torch.nn.CrossEntropyLoss()
+  def autocast():
+    return (torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16'
+            else contextlib.nullcontext())
+
+  sync = torch.cuda.synchronize if cuda else lambda: None
 
   def train():
     model.train()
     opt.zero_grad()
-    loss_fn(model(x), y).backward()
+    with autocast():
+      loss = loss_fn(model(x), y)
+    loss.backward()
     opt.step()
+    sync()
 
   def infer():
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
       model(x)
+    sync()
 
-  train_s = _timed(train, steps)
+  # cudnn.benchmark's trial workspaces during warm-up are not the train step's memory.
+  train_s = _timed(train, steps, torch.cuda.reset_peak_memory_stats if cuda else None)
+  peak_device_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
   infer_s = _timed(infer, steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s,
-              peak_rss_mib=_peak_rss_mib(), threads=torch.get_num_threads())
+              peak_rss_mib=_peak_rss_mib(), peak_device_mib=peak_device_mib,
+              threads=torch.get_num_threads(), torch=torch.__version__,
+              device=torch.cuda.get_device_name() if cuda else 'cpu',
+              cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if cuda else None)
 
 
 def _run_worker(spec):
@@ -154,26 +196,69 @@ def _run_worker(spec):
   if framework == 'jax':
     out = measure_jax(name, int(batch), dtype, mode, int(steps))
   else:
-    out = measure_torch(name, int(batch), mode, int(steps))
+    out = measure_torch(name, int(batch), dtype, mode, int(steps))
   print('RESULT ' + json.dumps(out))
 
 
 def _spawn(spec):
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={spec}'],
-                        capture_output=True, text=True, env=dict(os.environ,
-                                                                 TF_CPP_MIN_LOG_LEVEL='3'))
+  try:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), f'--worker={spec}'],
+                          capture_output=True, text=True, timeout=_CASE_TIMEOUT.value,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  except subprocess.TimeoutExpired:
+    return {'error': f'timed out after --case_timeout={_CASE_TIMEOUT.value} s'}
   for line in proc.stdout.splitlines():
     if line.startswith('RESULT '):
       return json.loads(line[len('RESULT '):])
   return {'error': (proc.stderr or proc.stdout)[-2000:]}
 
 
-def _torch_available():
+def _torch_devices():
+  """None without torchvision; else 'cuda' or 'cpu', where its workers will run."""
   try:
+    import torch  # pylint: disable=g-import-not-at-top
     import torchvision  # pylint: disable=g-import-not-at-top,unused-import
-    return True
   except ImportError:
-    return False
+    return None
+  return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def markdown_table(rows):
+  """The results as a markdown table; device-memory columns only where a device reported any."""
+  device = any((r.get(k) or {}).get('peak_device_mib') is not None
+               for r in rows for k in ('jax', 'torch'))
+  head = ['model', 'batch', 'dtype', 'mode', 'train img/s', 'infer img/s', 'compile s',
+          'temp MiB', 'peak RSS MiB'] + (['peak device MiB'] if device else []) + [
+              'torchvision train / infer img/s, ' + ('device MiB' if device else 'RSS MiB'),
+              'train ratio']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in rows:
+    j, t = r['jax'], r.get('torch')
+    cells = [r['model'], str(r['batch']), r['dtype'], r['mode']]
+    if 'error' in j:
+      last = j['error'].splitlines()[-1] if j['error'] else ''
+      lines.append('| ' + ' | '.join(cells + [f'error: {last}']) + ' |' * (len(head) - 4))
+      continue
+    torch_cell, ratio = '', ''
+    if t and 'error' not in t:
+      memory = t['peak_device_mib'] if device else t['peak_rss_mib']
+      torch_cell = f"{t['train_ips']:.2f} / {t['infer_ips']:.2f}, {memory or 0:.0f}"
+      ratio = f"{j['train_ips'] / t['train_ips']:.2f}x"
+    elif t:
+      torch_cell = 'error: ' + (t['error'].splitlines() or [''])[-1]
+    cells += ([f"{j['train_ips']:.2f}", f"{j['infer_ips']:.2f}"] if 'train_ips' in j
+              else ['not run', 'not run'])
+    cells += [f"{j['compile_s']:.1f}", f"{j['temp_mib']:.0f}", f"{j['peak_rss_mib']:.0f}"]
+    if device:
+      cells.append(f"{j['peak_device_mib']:.0f}" if j.get('peak_device_mib') is not None
+                   else '')
+    cells += [torch_cell, ratio]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  devices = sorted({f"{k} on {r[k]['device']}" for r in rows for k in ('jax', 'torch')
+                    if 'device' in (r.get(k) or {})})
+  lines.append(f"\nDevices: {'; '.join(devices)}. Every worker ran with GLIBC_TUNABLES="
+               f"{os.environ.get('GLIBC_TUNABLES', '')!r}.")
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -185,7 +270,7 @@ def main(argv):
   if _WORKER.value:
     _run_worker(_WORKER.value)
     return
-  use_torch = _TORCH.value and _torch_available()
+  torch_device = _torch_devices() if _TORCH.value else None
   rows, torch_cache = [], {}
   for case in _CASES.value:
     name, batch, dtype, mode = case.split(':')
@@ -193,41 +278,22 @@ def main(argv):
     row = dict(model=name, batch=int(batch), dtype=dtype, mode=mode,
                glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),
                jax=_spawn(f'jax:{name}:{batch}:{dtype}:{mode}:{steps}'))
-    if use_torch and dtype == 'float32' and not _COMPILE_ONLY.value:
+    if (torch_device and not _COMPILE_ONLY.value and
+        (dtype == 'float32' or (dtype == 'bfloat16' and torch_device == 'cuda'))):
       # torchvision's memory-efficient mode beside ours; its standard mode beside the others.
       torch_mode = 'eff' if mode.startswith('eff') else 'std'
-      key = (name, batch, torch_mode)
+      key = (name, batch, dtype, torch_mode)
       if key not in torch_cache:
-        torch_cache[key] = _spawn(f'torch:{name}:{batch}:float32:{torch_mode}:{_STEPS.value}')
+        torch_cache[key] = _spawn(f'torch:{name}:{batch}:{dtype}:{torch_mode}:{_STEPS.value}')
       row['torch'] = torch_cache[key]
     rows.append(row)
     print(json.dumps(row), flush=True)
+    if _JSON.value:   # after every case, so that an interrupted run keeps what it measured
+      with open(_JSON.value, 'w') as f:
+        json.dump(rows, f, indent=2)
 
-  lines = ['| model | batch | dtype | mode | train img/s | infer img/s | compile s | '
-           'temp MiB | peak RSS MiB | torchvision train / infer img/s, RSS MiB | '
-           'train ratio |', '|' + '---|' * 11]
-  for r in rows:
-    j, t = r['jax'], r.get('torch')
-    if 'error' in j:
-      lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['mode']} | error: "
-                   f"{j['error'].splitlines()[-1] if j['error'] else ''} |||||||")
-      continue
-    torch_cell, ratio = '', ''
-    if t and 'error' not in t:
-      torch_cell = f"{t['train_ips']:.2f} / {t['infer_ips']:.2f}, {t['peak_rss_mib']:.0f}"
-      ratio = f"{j['train_ips'] / t['train_ips']:.2f}x"
-    speed = (f"{j['train_ips']:.2f} | {j['infer_ips']:.2f}" if 'train_ips' in j
-             else 'not run | not run')
-    lines.append(f"| {r['model']} | {r['batch']} | {r['dtype']} | {r['mode']} | "
-                 f"{speed} | {j['compile_s']:.1f} | "
-                 f"{j['temp_mib']:.0f} | {j['peak_rss_mib']:.0f} | {torch_cell} | {ratio} |")
-  lines.append(f"\nEvery worker ran with GLIBC_TUNABLES="
-               f"{os.environ.get('GLIBC_TUNABLES', '')!r}.")
-  table = '\n'.join(lines)
+  table = markdown_table(rows)
   print(table)
-  if _JSON.value:
-    with open(_JSON.value, 'w') as f:
-      json.dump(rows, f, indent=2)
   if _MARKDOWN.value:
     with open(_MARKDOWN.value, 'w') as f:
       f.write(table + '\n')

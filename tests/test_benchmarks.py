@@ -36,3 +36,47 @@ def test_ab_rejects_a_bad_variant_before_compiling():
   assert 'scan_chunk' in proc.stderr and 'compiled' not in proc.stdout
   proc = _ab('--variants=growth=4')
   assert proc.returncode != 0 and 'growth' in proc.stderr
+
+
+def _throughput_module():
+  sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+  try:
+    import throughput  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return throughput
+
+
+def _row(dtype, jax_result, torch_result=None):
+  row = dict(model='densenet121', batch=64, dtype=dtype, mode='std-scan1', jax=jax_result)
+  if torch_result:
+    row['torch'] = torch_result
+  return row
+
+
+def test_throughput_table_adds_device_memory_only_where_a_device_reported_it():
+  throughput = _throughput_module()
+  jax_cpu = dict(train_ips=6.0, infer_ips=20.0, compile_s=14.0, temp_mib=416.0,
+                 peak_rss_mib=2200.0, peak_device_mib=None, device='cpu')
+  torch_cpu = dict(train_ips=5.0, infer_ips=21.0, peak_rss_mib=2000.0, peak_device_mib=None,
+                   device='cpu')
+  table = throughput.markdown_table([_row('float32', jax_cpu, torch_cpu)])
+  head, _, row = table.splitlines()[:3]
+  assert 'device MiB' not in head
+  assert row.endswith('| 5.00 / 21.00, 2000 | 1.20x |')
+  assert head.count('|') == row.count('|')
+
+  jax_gpu = dict(jax_cpu, peak_device_mib=2039.0, device='H100')
+  torch_gpu = dict(torch_cpu, peak_device_mib=8960.0, device='H100')
+  failed = dict(error='Traceback ...\nRuntimeError: out of memory')
+  table = throughput.markdown_table([_row('float32', jax_gpu, torch_gpu),
+                                     _row('bfloat16', failed),
+                                     _row('float32', jax_gpu, failed)])
+  head, _, ok, error, torch_error = table.splitlines()[:5]
+  assert '| peak device MiB |' in head and 'device MiB | train ratio |' in head
+  assert '| 2200 | 2039 | 5.00 / 21.00, 8960 | 1.20x |' in ok
+  assert '| error: RuntimeError: out of memory |' in error
+  assert '| error: RuntimeError: out of memory |  |' in torch_error
+  for line in (ok, error, torch_error):
+    assert line.count('|') == head.count('|'), line
+  assert 'jax on H100; torch on H100' in table
