@@ -7,11 +7,13 @@ growing concatenation of its block, a copy whose total size grows quadratically 
 
 Here a block owns one buffer [batch, height, width, in + num_layers * k]: layer i reads the
 first `in + i * k` channels and writes its k new maps in place after them. Layers of a block then
-differ only in how many channels they read, so with their parameters zero-padded to the buffer's
-width `lax.scan` runs all of them as one compiled loop body. The padding is zero (BatchNorm scale
-and bias, convolution rows), so unwritten and later channels contribute exactly nothing; the
-stored parameters keep the paper's exact shapes and names, identical to the unrolled block's,
-and checkpoints move freely between the two.
+differ only in how many channels they read, so `lax.scan` runs all of them as one compiled loop
+body: their first BatchNorm's parameters are zero-padded to the buffer's width and stacked, and
+their first convolution kernels, whose input widths differ, are laid end to end in one flat
+array that each layer slices at its own offset (`_flat_kernels`). Zero scale and bias, and
+masked kernel rows, make unwritten and later channels contribute exactly nothing. The stored
+parameters keep the paper's exact shapes and names, identical to the unrolled block's, and
+checkpoints move freely between the two.
 
 A layer's first BN-ReLU-Conv reads the buffer in *chunks* of `chunk` channels, in a loop over as
 many chunks as the layer's own input fills (`_first`). Its work therefore follows its own width,
@@ -141,18 +143,28 @@ def _chunk(static: _Static, x, c, width):
   return lax.dynamic_slice_in_dim(x, _chunk_start(static, c, width), static.chunk, x.ndim - 1)
 
 
-def _chunk_params(static: _Static, p, c):
-  """Chunk c of a layer's first BatchNorm and convolution parameters. Channels that the chunk
-  shares with the chunk before it get zero scale, bias and kernel rows: they are counted (and
-  get their gradients) there, and contribute exactly zero here."""
+def _kernel_offset(static: _Static, j):
+  """Where layer j of a segment starts in the segment's flat first-convolution kernel: the
+  input widths of the layers before it, first_offset + i * k for i < j, summed."""
+  return j * static.first_offset + static.growth_rate * (j * (j - 1) // 2)
+
+
+def _chunk_params(static: _Static, p, kernels, j, c, in_width):
+  """Chunk c of layer j's first BatchNorm and convolution parameters (`kernels`: the segment's
+  flat kernel, `_flat_kernels`). Channels that the chunk shares with the chunk before it, and
+  channels past the layer's `in_width` inputs, get zero scale, bias and kernel rows: the former
+  are counted (and get their gradients) in the chunk before, and both contribute exactly zero.
+  """
   width = p['scale1'].shape[0]
   start = _chunk_start(static, c, width)
-  new = ops.chunk_is_new(c, static.chunk, width)
+  own = (ops.chunk_is_new(c, static.chunk, width) &
+         (start + jnp.arange(static.chunk) < in_width))
   sl = lambda v, axis: lax.dynamic_slice_in_dim(v, start, static.chunk, axis)
-  return {'scale1': jnp.where(new, sl(p['scale1'], 0), 0.0),
-          'bias1': jnp.where(new, sl(p['bias1'], 0), 0.0),
+  rows = lax.dynamic_slice_in_dim(kernels, _kernel_offset(static, j) + start, static.chunk, 2)
+  return {'scale1': jnp.where(own, sl(p['scale1'], 0), 0.0),
+          'bias1': jnp.where(own, sl(p['bias1'], 0), 0.0),
           'mean1': sl(p['mean1'], 0), 'var1': sl(p['var1'], 0),
-          'kernel1': jnp.where(new[:, None], sl(p['kernel1'], 2), 0.0)}
+          'kernel1': jnp.where(own[:, None], rows, 0.0)}
 
 
 def _first_chunk(static: _Static, buf_c, mean_c, meansq_c, pc):
@@ -167,15 +179,16 @@ def _first_chunk(static: _Static, buf_c, mean_c, meansq_c, pc):
   return y.astype(jnp.float32)
 
 
-def _first(static: _Static, buf, mean, meansq, p, key, in_width):
-  """BN-ReLU-Conv1x1 of a bottleneck layer (BN-ReLU-Conv3x3 without bottleneck) on the layer's
+def _first(static: _Static, buf, mean, meansq, p, kernels, j, in_width):
+  """BN-ReLU-Conv1x1 of bottleneck layer j (BN-ReLU-Conv3x3 without bottleneck) on the layer's
   `in_width` input channels, the buffer's first ones; returns (output, BN statistics).
 
   The input is read in chunks of `static.chunk` channels, as many as hold `in_width`, so a layer
   does the work of its own width rather than of the padded segment's, and the backward pass
   (`_first_bwd`) needs workspace for one chunk, not for the whole buffer. `p` holds one layer's
-  parameters padded to the buffer width; `mean`/`meansq` are the buffer's per-channel batch
-  statistics (used in training; running averages in `p` otherwise).
+  BatchNorm parameters padded to the buffer width and its dropout key, `kernels` the segment's
+  flat kernel; `mean`/`meansq` are the buffer's per-channel batch statistics (used in training;
+  running averages in `p` otherwise).
   """
   if static.train:
     mean1, var1 = mean, jnp.maximum(0.0, meansq - lax.square(mean))
@@ -187,22 +200,22 @@ def _first(static: _Static, buf, mean, meansq, p, key, in_width):
   def body(c, y):
     chunk = lambda x: _chunk(static, x, c, width)
     return y + _first_chunk(static, chunk(buf), chunk(mean), chunk(meansq),
-                            _chunk_params(static, p, c))
+                            _chunk_params(static, p, kernels, j, c, in_width))
 
-  y = jnp.zeros(buf.shape[:3] + (p['kernel1'].shape[-1],), jnp.float32)
+  y = jnp.zeros(buf.shape[:3] + (kernels.shape[-1],), jnp.float32)
   y = lax.fori_loop(0, ops.num_chunks(in_width, static.chunk), body, y)
   if static.dropout_rate > 0 and static.train:
-    y = _dropout(y, static.dropout_rate, _keys(static, key)[0])
+    y = _dropout(y, static.dropout_rate, _keys(static, p['key'])[0])
   return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
 
 
-def _first_bwd(static: _Static, buf, mean, meansq, p, key, in_width, d_y, d_buf, d_mean,
-               d_meansq):
-  """Gradients of `_first` for output gradient `d_y`, chunk by chunk: adds the buffer's and
-  its statistics' gradients into `d_buf`, `d_mean`, `d_meansq` (the reverse scan's carry) and
-  returns them with the gradients of the first BatchNorm's scale and bias and the kernel."""
+def _first_bwd(static: _Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
+  """Gradients of `_first` for output gradient `d_y`, chunk by chunk. `carry` holds the reverse
+  scan's gradients of the buffer, its statistics and the flat kernel, (d_buf, d_mean, d_meansq,
+  d_kernels); this layer's parts are added to them, and they are returned with the gradients of
+  the first BatchNorm's scale and bias."""
   if static.dropout_rate > 0 and static.train:
-    _, vjp = jax.vjp(lambda y: _dropout(y, static.dropout_rate, _keys(static, key)[0]),
+    _, vjp = jax.vjp(lambda y: _dropout(y, static.dropout_rate, _keys(static, p['key'])[0]),
                      jnp.zeros(d_y.shape, jnp.float32))
     d_y = vjp(d_y.astype(jnp.float32))[0]
   d_y = d_y.astype(jnp.float32)
@@ -210,28 +223,29 @@ def _first_bwd(static: _Static, buf, mean, meansq, p, key, in_width, d_y, d_buf,
   width = buf.shape[-1]
 
   def body(c, carry):
-    d_buf, d_mean, d_meansq, d_scale, d_bias, d_kernel = carry
-    pc = _chunk_params(static, p, c)
+    d_buf, d_mean, d_meansq, d_kernels, d_scale, d_bias = carry
+    pc = _chunk_params(static, p, kernels, j, c, in_width)
     chunk_fn = lambda b, m, msq, s, bi, kk: _first_chunk(
         static, b, m, msq, {**pc, 'scale1': s, 'bias1': bi, 'kernel1': kk})
     chunk = lambda x: _chunk(static, x, c, width)
     _, vjp = jax.vjp(chunk_fn, chunk(buf), chunk(mean), chunk(meansq), pc['scale1'],
                      pc['bias1'], pc['kernel1'])
-    # Zero for channels shared with the chunk before (their parameters are zero here).
+    # Zero for the chunk's channels that are not its own (their parameters are zero here).
     db, dm, dmsq, ds, dbi, dk = vjp(d_y)
     start = _chunk_start(static, c, width)
     add = lambda total, part, axis=-1: ops.add_at(total, part, start, axis)
-    return (add(d_buf, db), add(d_mean, dm), add(d_meansq, dmsq), add(d_scale, ds),
-            add(d_bias, dbi), add(d_kernel, dk, axis=2))
+    d_kernels = ops.add_at(d_kernels, dk, _kernel_offset(static, j) + start, 2)
+    return (add(d_buf, db), add(d_mean, dm), add(d_meansq, dmsq), d_kernels, add(d_scale, ds),
+            add(d_bias, dbi))
 
   zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
-  carry = (d_buf, d_mean, d_meansq, zeros(p['scale1']), zeros(p['bias1']), zeros(p['kernel1']))
-  d_buf, d_mean, d_meansq, d_scale, d_bias, d_kernel = lax.fori_loop(
-      0, ops.num_chunks(in_width, static.chunk), body, carry)
-  return d_buf, d_mean, d_meansq, {'scale1': d_scale, 'bias1': d_bias, 'kernel1': d_kernel}
+  carry = (*carry, zeros(p['scale1']), zeros(p['bias1']))
+  *carry, d_scale, d_bias = lax.fori_loop(
+      0, ops.num_chunks(in_width, static.chunk), body, tuple(carry))
+  return tuple(carry), {'scale1': d_scale, 'bias1': d_bias}
 
 
-def _second(static: _Static, y, p, key):
+def _second(static: _Static, y, p):
   """BN-ReLU-Conv3x3 of a bottleneck layer on its 1x1 convolution's output `y`."""
   if static.train:
     m, msq = _batch_stats(y)
@@ -241,20 +255,20 @@ def _second(static: _Static, y, p, key):
   h = _norm_relu(y, mean2, var2, p['scale2'], p['bias2'], static.epsilon, static.dtype)
   out = ops.conv_same(h, p['kernel2'].astype(static.dtype))
   if static.dropout_rate > 0 and static.train:
-    out = _dropout(out, static.dropout_rate, _keys(static, key)[1])
+    out = _dropout(out, static.dropout_rate, _keys(static, p['key'])[1])
   return out.astype(static.dtype), {'mean2': mean2, 'var2': var2}
 
 
-def _layer(static: _Static, buf, mean, meansq, p, key, in_width):
-  """One dense layer on the buffer: (its k new maps, its 1x1 output or None, BN statistics)."""
-  y, stats = _first(static, buf, mean, meansq, p, key, in_width)
+def _layer(static: _Static, buf, mean, meansq, p, kernels, j, in_width):
+  """Dense layer j on the buffer: (its k new maps, its 1x1 output or None, BN statistics)."""
+  y, stats = _first(static, buf, mean, meansq, p, kernels, j, in_width)
   if not static.bottleneck:
     return y, None, stats
-  out, stats2 = _second(static, y, p, key)
+  out, stats2 = _second(static, y, p)
   return out, y, {**stats, **stats2}
 
 
-def _forward(static: _Static, buf, mean, meansq, params, keys):
+def _forward(static: _Static, buf, mean, meansq, params, kernels, keys):
   """Runs the segment's layers in a scan. Returns the filled buffer, its statistics, each
   layer's BatchNorm batch statistics (stacked) and, when `static.save_bottleneck`, each layer's
   1x1 convolution output (stacked; else None)."""
@@ -264,7 +278,7 @@ def _forward(static: _Static, buf, mean, meansq, params, keys):
     buf, mean, meansq = carry
     j, p, key = xs
     offset = static.first_offset + j * k
-    piece, y, stats = _layer(static, buf, mean, meansq, p, key, offset)
+    piece, y, stats = _layer(static, buf, mean, meansq, dict(p, key=key), kernels, j, offset)
     buf = lax.dynamic_update_slice_in_dim(buf, piece.astype(buf.dtype), offset, _CHANNELS)
     if static.train:
       m, msq = _batch_stats(piece.astype(buf.dtype))
@@ -279,13 +293,14 @@ def _forward(static: _Static, buf, mean, meansq, params, keys):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _segment(static, buf, mean, meansq, params, keys):
-  return _forward(static, buf, mean, meansq, params, keys)[:4]
+def _segment(static, buf, mean, meansq, params, kernels, keys):
+  return _forward(static, buf, mean, meansq, params, kernels, keys)[:4]
 
 
-def _segment_fwd(static, buf, mean, meansq, params, keys):
-  buf_out, mean_out, meansq_out, stats, saved = _forward(static, buf, mean, meansq, params, keys)
-  residuals = (buf_out, mean_out, meansq_out, params, keys, saved)
+def _segment_fwd(static, buf, mean, meansq, params, kernels, keys):
+  buf_out, mean_out, meansq_out, stats, saved = _forward(static, buf, mean, meansq, params,
+                                                         kernels, keys)
+  residuals = (buf_out, mean_out, meansq_out, params, kernels, keys, saved)
   return (buf_out, mean_out, meansq_out, stats), residuals
 
 
@@ -293,15 +308,18 @@ def _segment_bwd(static, residuals, cotangents):
   """Reverse scan: each layer is recomputed from the final buffer, whose first channels are
   exactly that layer's input (later channels meet zero-padded parameters). With saved 1x1
   outputs only the elementwise BN-ReLU before the 1x1 convolution is recomputed."""
-  buf_f, mean_f, meansq_f, params, keys, saved = residuals
+  buf_f, mean_f, meansq_f, params, kernels, keys, saved = residuals
   d_buf, d_mean, d_meansq, _ = cotangents   # per-layer BN statistics are not differentiated
   k = static.growth_rate
   count = buf_f.shape[0] * buf_f.shape[1] * buf_f.shape[2]
   d_buf = d_buf.astype(jnp.float32)
+  # From the cotangent, not a constant: XLA would schedule a constant at the step's start.
+  d_kernels = jnp.full(kernels.shape, 0 * d_mean[0], jnp.float32)
 
   def body(carry, xs):
-    d_buf, d_mean, d_meansq = carry
+    d_buf, d_mean, d_meansq, d_kernels = carry
     j, p, key, y = xs
+    lp = dict(p, key=key)   # the layer's parameters and its dropout key
     offset = static.first_offset + j * k
     # Gradient of this layer's output: from later layers (and the block's output), plus the
     # part that reached it through the BatchNorm statistics of its channels.
@@ -314,23 +332,23 @@ def _segment_bwd(static, residuals, cotangents):
     dp = jax.tree.map(jnp.zeros_like, p)
     if static.bottleneck:
       if y is None:   # memory-efficient: recompute the 1x1 output
-        y = _first(static, buf_f, mean_f, meansq_f, p, key, offset)[0]
+        y = _first(static, buf_f, mean_f, meansq_f, lp, kernels, j, offset)[0]
       second_names = ('scale2', 'bias2', 'kernel2')
       _, vjp_second = jax.vjp(
-          lambda yy, pp: _second(static, yy, {**p, **pp}, key)[0], y,
+          lambda yy, pp: _second(static, yy, {**lp, **pp})[0], y,
           {n: p[n] for n in second_names})
       d_y, dp_second = vjp_second(d_piece)
       dp.update(dp_second)
     else:
       d_y = d_piece
-    d_buf, d_mean, d_meansq, dp_first = _first_bwd(
-        static, buf_f, mean_f, meansq_f, p, key, offset, d_y, d_buf, d_mean, d_meansq)
+    carry, dp_first = _first_bwd(static, buf_f, mean_f, meansq_f, lp, kernels, j, offset, d_y,
+                                 (d_buf, d_mean, d_meansq, d_kernels))
     dp.update({n: v.astype(p[n].dtype) for n, v in dp_first.items()})
-    return (d_buf, d_mean, d_meansq), dp
+    return carry, dp
 
   num_layers = keys.shape[0]
-  (d_buf, d_mean, d_meansq), d_params = lax.scan(
-      body, (d_buf, d_mean, d_meansq), (jnp.arange(num_layers), params, keys, saved),
+  (d_buf, d_mean, d_meansq, d_kernels), d_params = lax.scan(
+      body, (d_buf, d_mean, d_meansq, d_kernels), (jnp.arange(num_layers), params, keys, saved),
       reverse=True)
   # Channels from first_offset on were overwritten by this segment: the input's values there
   # did not reach the output.
@@ -339,7 +357,7 @@ def _segment_bwd(static, residuals, cotangents):
   d_buf = jnp.where(keep, d_buf, 0.0).astype(buf_f.dtype)
   d_mean = jnp.where(keep, d_mean, 0.0)
   d_meansq = jnp.where(keep, d_meansq, 0.0)
-  return d_buf, d_mean, d_meansq, d_params, None
+  return d_buf, d_mean, d_meansq, d_params, d_kernels.astype(kernels.dtype), None
 
 
 _segment.defvjp(_segment_fwd, _segment_bwd)
@@ -381,7 +399,8 @@ class _LayerVariables(nn.Module):
 
 
 def _padded(p, width):
-  """One layer's parameters (and running statistics) zero-padded on input channels to `width`."""
+  """One layer's parameters (and running statistics) but its first kernel, the first
+  BatchNorm's zero-padded on input channels to `width`."""
   extra = width - p['scale1'].shape[0]
   out = {}
   for name, v in p.items():
@@ -390,9 +409,26 @@ def _padded(p, width):
     elif name == 'var1':
       v = jnp.pad(v, (0, extra), constant_values=1.0)
     elif name == 'kernel1':
-      v = jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
+      continue
     out[name] = v
   return out
+
+
+def _flat_kernels(kernels, width):
+  """The first convolution kernels of a segment's layers, [h, w, in_i, out] with growing in_i,
+  as one [h, w, sum of in_i + k, out] array (`_kernel_offset` says where each starts).
+
+  Zero-padded to the buffer's `width` and stacked, as they once were, they took about twice
+  their own memory, and so did their gradient (the last layer's width against the average).
+  Flat, the train step's compiled memory fell from 763 to 659 MiB (densenet264, batch 8,
+  standard) and from 432 to 314 MiB (memory-efficient); densenet121's and DenseNet-BC-100's
+  changed by under 5%, and densenet121's step got 6-7% faster (interleaved in one process on 2
+  CPU cores). The k zero rows at the end keep every chunk's slice inside the array: a layer's
+  chunks read up to `width` channels from its start, k past the last layer's own inputs.
+  """
+  extra = width - kernels[-1].shape[2]
+  pad = jnp.zeros(kernels[-1].shape[:2] + (extra, kernels[-1].shape[3]), kernels[-1].dtype)
+  return jnp.concatenate(list(kernels) + [pad], axis=2)
 
 
 def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: int,
@@ -431,11 +467,13 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
     # Every layer of the segment reads the whole segment buffer: pad its parameters to it.
     layer_params = [_padded(variables[i], width) for i in range(start, end)]
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *layer_params)
+    kernels = _flat_kernels([variables[i]['kernel1'] for i in range(start, end)], width)
     static = _Static(in_features + start * k, k, bottleneck, train, float(epsilon),
                      float(dropout_rate), jnp.dtype(dtype),
                      save_bottleneck=bottleneck and not memory_efficient,
                      chunk=min(chunk, width))
-    buf, mean, meansq, stats = _segment(static, buf, mean, meansq, stacked, keys[start:end])
+    buf, mean, meansq, stats = _segment(static, buf, mean, meansq, stacked, kernels,
+                                        keys[start:end])
     if train and not initializing:
       stats = jax.lax.stop_gradient(stats)
       for j, i in enumerate(range(start, end)):
