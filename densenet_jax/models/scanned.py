@@ -16,8 +16,9 @@ parameters keep the paper's exact shapes and names, identical to the unrolled bl
 checkpoints move freely between the two.
 
 A layer's first BN-ReLU-Conv reads the buffer in *chunks* of `chunk` channels, in a loop over as
-many chunks as the layer's own input fills (`_first`). Its work therefore follows its own width,
-not the buffer's, and its backward pass needs workspace for one chunk, not for the whole buffer.
+many chunks as the layer's own input fills (scanned_layer.py, which holds one layer's forward
+and backward pass). Its work therefore follows its own width, not the buffer's, and its
+backward pass needs workspace for one chunk, not for the whole buffer.
 Before chunks, every layer ran on the whole padded buffer: that wasted about half the first
 convolution's work (less with segments, below), and the backward pass held about six buffer-wide
 arrays at once, which was most of the compiled memory. On 2 CPU cores, chunks of 64 channels made
@@ -44,7 +45,6 @@ as per-channel mean and mean of squares instead of being recomputed over the who
 a loop body (autodiff's own gradient convolutions run 10-40x slower there).
 """
 
-import dataclasses
 import functools
 from typing import Any, List, Tuple
 
@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from densenet_jax.models import efficient
-from densenet_jax.models import ops
+from densenet_jax.models import scanned_layer
 
 Array = jax.Array
 _CHANNELS = 3
@@ -93,182 +93,7 @@ def segment_bounds(in_features: int, growth_rate: int, num_layers: int,
   return bounds[::-1]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything about a segment that is fixed at trace time (hashable, for custom_vjp)."""
-
-  first_offset: int   # channel where the segment's first layer writes
-  growth_rate: int
-  bottleneck: bool
-  train: bool
-  epsilon: float
-  dropout_rate: float
-  dtype: Any
-  save_bottleneck: bool   # keep each layer's 1x1 output for the backward pass
-  chunk: int   # input channels per step of a layer's first convolution (`_first`)
-
-
-def _dropout(x, rate, key):
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def _batch_stats(x):
-  """Per-channel mean and mean of squares over batch and space, in float32."""
-  x = x.astype(jnp.float32)
-  return jnp.mean(x, (0, 1, 2)), jnp.mean(lax.square(x), (0, 1, 2))
-
-
-def _keys(static: _Static, key):
-  """Dropout keys of a layer's two convolutions (unused without dropout)."""
-  if static.dropout_rate > 0 and static.train:
-    return jax.random.split(key)
-  return key, key
-
-
-def _norm_relu(x, mean, var, scale, bias, epsilon, dtype):
-  # jax.nn.relu has gradient 0 at 0, so padded channels (pre-activation exactly 0, since their
-  # scale and bias are 0) get exactly zero gradient.
-  mul = scale * lax.rsqrt(var + epsilon)
-  return jax.nn.relu((x.astype(jnp.float32) - mean) * mul + bias).astype(dtype)
-
-
-def _chunk_start(static: _Static, c, width):
-  """First channel of chunk c of a `width`-channel buffer (see `ops.chunk_start`)."""
-  return ops.chunk_start(c, static.chunk, width)
-
-
-def _chunk(static: _Static, x, c, width):
-  """Chunk c of x's last (channel) axis, `width` long."""
-  return lax.dynamic_slice_in_dim(x, _chunk_start(static, c, width), static.chunk, x.ndim - 1)
-
-
-def _kernel_offset(static: _Static, j):
-  """Where layer j of a segment starts in the segment's flat first-convolution kernel: the
-  input widths of the layers before it, first_offset + i * k for i < j, summed."""
-  return j * static.first_offset + static.growth_rate * (j * (j - 1) // 2)
-
-
-def _chunk_params(static: _Static, p, kernels, j, c, in_width):
-  """Chunk c of layer j's first BatchNorm and convolution parameters (`kernels`: the segment's
-  flat kernel, `_flat_kernels`). Channels that the chunk shares with the chunk before it, and
-  channels past the layer's `in_width` inputs, get zero scale, bias and kernel rows: the former
-  are counted (and get their gradients) in the chunk before, and both contribute exactly zero.
-  """
-  width = p['scale1'].shape[0]
-  start = _chunk_start(static, c, width)
-  own = (ops.chunk_is_new(c, static.chunk, width) &
-         (start + jnp.arange(static.chunk) < in_width))
-  sl = lambda v, axis: lax.dynamic_slice_in_dim(v, start, static.chunk, axis)
-  rows = lax.dynamic_slice_in_dim(kernels, _kernel_offset(static, j) + start, static.chunk, 2)
-  return {'scale1': jnp.where(own, sl(p['scale1'], 0), 0.0),
-          'bias1': jnp.where(own, sl(p['bias1'], 0), 0.0),
-          'mean1': sl(p['mean1'], 0), 'var1': sl(p['var1'], 0),
-          'kernel1': jnp.where(own[:, None], rows, 0.0)}
-
-
-def _first_chunk(static: _Static, buf_c, mean_c, meansq_c, pc):
-  """BN-ReLU-Conv of one chunk of input channels: its share of the layer's first convolution."""
-  if static.train:
-    mean1, var1 = mean_c, jnp.maximum(0.0, meansq_c - lax.square(mean_c))
-  else:
-    mean1, var1 = pc['mean1'], pc['var1']
-  h = _norm_relu(buf_c, mean1, var1, pc['scale1'], pc['bias1'], static.epsilon, static.dtype)
-  kernel = pc['kernel1'].astype(static.dtype)
-  y = ops.pointwise(h, kernel) if static.bottleneck else ops.conv_same(h, kernel)
-  return y.astype(jnp.float32)
-
-
-def _first(static: _Static, buf, mean, meansq, p, kernels, j, in_width):
-  """BN-ReLU-Conv1x1 of bottleneck layer j (BN-ReLU-Conv3x3 without bottleneck) on the layer's
-  `in_width` input channels, the buffer's first ones; returns (output, BN statistics).
-
-  The input is read in chunks of `static.chunk` channels, as many as hold `in_width`, so a layer
-  does the work of its own width rather than of the padded segment's, and the backward pass
-  (`_first_bwd`) needs workspace for one chunk, not for the whole buffer. `p` holds one layer's
-  BatchNorm parameters padded to the buffer width and its dropout key, `kernels` the segment's
-  flat kernel; `mean`/`meansq` are the buffer's per-channel batch statistics (used in training;
-  running averages in `p` otherwise).
-  """
-  if static.train:
-    mean1, var1 = mean, jnp.maximum(0.0, meansq - lax.square(mean))
-  else:
-    mean1, var1 = p['mean1'], p['var1']
-
-  width = buf.shape[-1]
-
-  def body(c, y):
-    chunk = lambda x: _chunk(static, x, c, width)
-    return y + _first_chunk(static, chunk(buf), chunk(mean), chunk(meansq),
-                            _chunk_params(static, p, kernels, j, c, in_width))
-
-  y = jnp.zeros(buf.shape[:3] + (kernels.shape[-1],), jnp.float32)
-  y = lax.fori_loop(0, ops.num_chunks(in_width, static.chunk), body, y)
-  if static.dropout_rate > 0 and static.train:
-    y = _dropout(y, static.dropout_rate, _keys(static, p['key'])[0])
-  return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
-
-
-def _first_bwd(static: _Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
-  """Gradients of `_first` for output gradient `d_y`, chunk by chunk. `carry` holds the reverse
-  scan's gradients of the buffer, its statistics and the flat kernel, (d_buf, d_mean, d_meansq,
-  d_kernels); this layer's parts are added to them, and they are returned with the gradients of
-  the first BatchNorm's scale and bias."""
-  if static.dropout_rate > 0 and static.train:
-    _, vjp = jax.vjp(lambda y: _dropout(y, static.dropout_rate, _keys(static, p['key'])[0]),
-                     jnp.zeros(d_y.shape, jnp.float32))
-    d_y = vjp(d_y.astype(jnp.float32))[0]
-  d_y = d_y.astype(jnp.float32)
-
-  width = buf.shape[-1]
-
-  def body(c, carry):
-    d_buf, d_mean, d_meansq, d_kernels, d_scale, d_bias = carry
-    pc = _chunk_params(static, p, kernels, j, c, in_width)
-    chunk_fn = lambda b, m, msq, s, bi, kk: _first_chunk(
-        static, b, m, msq, {**pc, 'scale1': s, 'bias1': bi, 'kernel1': kk})
-    chunk = lambda x: _chunk(static, x, c, width)
-    _, vjp = jax.vjp(chunk_fn, chunk(buf), chunk(mean), chunk(meansq), pc['scale1'],
-                     pc['bias1'], pc['kernel1'])
-    # Zero for the chunk's channels that are not its own (their parameters are zero here).
-    db, dm, dmsq, ds, dbi, dk = vjp(d_y)
-    start = _chunk_start(static, c, width)
-    add = lambda total, part, axis=-1: ops.add_at(total, part, start, axis)
-    d_kernels = ops.add_at(d_kernels, dk, _kernel_offset(static, j) + start, 2)
-    return (add(d_buf, db), add(d_mean, dm), add(d_meansq, dmsq), d_kernels, add(d_scale, ds),
-            add(d_bias, dbi))
-
-  zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
-  carry = (*carry, zeros(p['scale1']), zeros(p['bias1']))
-  *carry, d_scale, d_bias = lax.fori_loop(
-      0, ops.num_chunks(in_width, static.chunk), body, tuple(carry))
-  return tuple(carry), {'scale1': d_scale, 'bias1': d_bias}
-
-
-def _second(static: _Static, y, p):
-  """BN-ReLU-Conv3x3 of a bottleneck layer on its 1x1 convolution's output `y`."""
-  if static.train:
-    m, msq = _batch_stats(y)
-    mean2, var2 = m, jnp.maximum(0.0, msq - lax.square(m))
-  else:
-    mean2, var2 = p['mean2'], p['var2']
-  h = _norm_relu(y, mean2, var2, p['scale2'], p['bias2'], static.epsilon, static.dtype)
-  out = ops.conv_same(h, p['kernel2'].astype(static.dtype))
-  if static.dropout_rate > 0 and static.train:
-    out = _dropout(out, static.dropout_rate, _keys(static, p['key'])[1])
-  return out.astype(static.dtype), {'mean2': mean2, 'var2': var2}
-
-
-def _layer(static: _Static, buf, mean, meansq, p, kernels, j, in_width):
-  """Dense layer j on the buffer: (its k new maps, its 1x1 output or None, BN statistics)."""
-  y, stats = _first(static, buf, mean, meansq, p, kernels, j, in_width)
-  if not static.bottleneck:
-    return y, None, stats
-  out, stats2 = _second(static, y, p)
-  return out, y, {**stats, **stats2}
-
-
-def _forward(static: _Static, buf, mean, meansq, params, kernels, keys):
+def _forward(static: scanned_layer.Static, buf, mean, meansq, params, kernels, keys):
   """Runs the segment's layers in a scan. Returns the filled buffer, its statistics, each
   layer's BatchNorm batch statistics (stacked) and, when `static.save_bottleneck`, each layer's
   1x1 convolution output (stacked; else None)."""
@@ -278,10 +103,11 @@ def _forward(static: _Static, buf, mean, meansq, params, kernels, keys):
     buf, mean, meansq = carry
     j, p, key = xs
     offset = static.first_offset + j * k
-    piece, y, stats = _layer(static, buf, mean, meansq, dict(p, key=key), kernels, j, offset)
+    piece, y, stats = scanned_layer.layer(static, buf, mean, meansq, dict(p, key=key), kernels,
+                                          j, offset)
     buf = lax.dynamic_update_slice_in_dim(buf, piece.astype(buf.dtype), offset, _CHANNELS)
     if static.train:
-      m, msq = _batch_stats(piece.astype(buf.dtype))
+      m, msq = scanned_layer.batch_stats(piece.astype(buf.dtype))
       mean = lax.dynamic_update_slice_in_dim(mean, m, offset, 0)
       meansq = lax.dynamic_update_slice_in_dim(meansq, msq, offset, 0)
     return (buf, mean, meansq), (stats, y if static.save_bottleneck else None)
@@ -332,17 +158,17 @@ def _segment_bwd(static, residuals, cotangents):
     dp = jax.tree.map(jnp.zeros_like, p)
     if static.bottleneck:
       if y is None:   # memory-efficient: recompute the 1x1 output
-        y = _first(static, buf_f, mean_f, meansq_f, lp, kernels, j, offset)[0]
+        y = scanned_layer.first(static, buf_f, mean_f, meansq_f, lp, kernels, j, offset)[0]
       second_names = ('scale2', 'bias2', 'kernel2')
       _, vjp_second = jax.vjp(
-          lambda yy, pp: _second(static, yy, {**lp, **pp})[0], y,
+          lambda yy, pp: scanned_layer.second(static, yy, {**lp, **pp})[0], y,
           {n: p[n] for n in second_names})
       d_y, dp_second = vjp_second(d_piece)
       dp.update(dp_second)
     else:
       d_y = d_piece
-    carry, dp_first = _first_bwd(static, buf_f, mean_f, meansq_f, lp, kernels, j, offset, d_y,
-                                 (d_buf, d_mean, d_meansq, d_kernels))
+    carry, dp_first = scanned_layer.first_bwd(static, buf_f, mean_f, meansq_f, lp, kernels, j,
+                                              offset, d_y, (d_buf, d_mean, d_meansq, d_kernels))
     dp.update({n: v.astype(p[n].dtype) for n, v in dp_first.items()})
     return carry, dp
 
@@ -416,7 +242,7 @@ def _padded(p, width):
 
 def _flat_kernels(kernels, width):
   """The first convolution kernels of a segment's layers, [h, w, in_i, out] with growing in_i,
-  as one [h, w, sum of in_i + k, out] array (`_kernel_offset` says where each starts).
+  as one [h, w, sum of in_i + k, out] array (`scanned_layer.kernel_offset`: where each starts).
 
   Zero-padded to the buffer's `width` and stacked, as they once were, they took about twice
   their own memory, and so did their gradient (the last layer's width against the average).
@@ -455,7 +281,7 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
   buf = x.astype(dtype)
   mean = meansq = None
   if train:
-    mean, meansq = _batch_stats(buf)
+    mean, meansq = scanned_layer.batch_stats(buf)
   for start, end in segment_bounds(in_features, k, num_layers, num_segments):
     width = in_features + end * k
     extra = width - buf.shape[-1]
@@ -468,10 +294,10 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
     layer_params = [_padded(variables[i], width) for i in range(start, end)]
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *layer_params)
     kernels = _flat_kernels([variables[i]['kernel1'] for i in range(start, end)], width)
-    static = _Static(in_features + start * k, k, bottleneck, train, float(epsilon),
-                     float(dropout_rate), jnp.dtype(dtype),
-                     save_bottleneck=bottleneck and not memory_efficient,
-                     chunk=min(chunk, width))
+    static = scanned_layer.Static(in_features + start * k, k, bottleneck, train,
+                                  float(epsilon), float(dropout_rate), jnp.dtype(dtype),
+                                  save_bottleneck=bottleneck and not memory_efficient,
+                                  chunk=min(chunk, width))
     buf, mean, meansq, stats = _segment(static, buf, mean, meansq, stacked, kernels,
                                         keys[start:end])
     if train and not initializing:
