@@ -12,7 +12,8 @@ models and 32x32 for CIFAR ones. For each case the table gives: train images/s a
 images/s (median over --steps timed steps after two warm-up steps), the train step's compile
 time, XLA's compiled temporary memory of the train step, and the process's peak RSS. When torch
 and torchvision are importable, torchvision's same model (DenseNet-BC-100 with a CIFAR stem
-swapped in) is measured on the same inputs, float32 (and bfloat16 on a GPU, below), and the ratio jax/torch is printed.
+swapped in) is measured on the same inputs, float32 (and bfloat16 on a GPU, below), and the
+ratio jax/torch is printed.
 
 On a GPU or TPU host run the same command after installing the matching jax (jax[cuda12] or
 jax[tpu]); `benchmarks/gpu.sh` holds the grid we run on a GPU. Timings block until the device is
@@ -146,7 +147,7 @@ def _torch_model(name, mode):
 
 
 def measure_torch(name, batch, dtype, mode, steps):
-  """torchvision's model, the same SGD step: float32, or bfloat16 autocast on a GPU."""
+  """torchvision's model, the same SGD step: float32, or under bfloat16 autocast."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch
   cuda = torch.cuda.is_available()
@@ -159,8 +160,9 @@ def measure_torch(name, batch, dtype, mode, steps):
   x = torch.randn(batch, 3, size, size, device=device)
   y = torch.randint(0, 10, (batch,), device=device)
   loss_fn = torch.nn.CrossEntropyLoss()
+
   def autocast():
-    return (torch.autocast('cuda', dtype=torch.bfloat16) if dtype == 'bfloat16'
+    return (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == 'bfloat16'
             else contextlib.nullcontext())
 
   sync = torch.cuda.synchronize if cuda else lambda: None
