@@ -76,9 +76,10 @@ def kernel_offset(static: Static, j):
 
 def _chunk_params(static: Static, p, kernels, j, c, in_width):
   """Chunk c of layer j's first BatchNorm and convolution parameters (`kernels`: the segment's
-  flat kernel, `_flat_kernels`). Channels that the chunk shares with the chunk before it, and
-  channels past the layer's `in_width` inputs, get zero scale, bias and kernel rows: the former
-  are counted (and get their gradients) in the chunk before, and both contribute exactly zero.
+  flat kernel, `scanned._flat_kernels`). Channels that the chunk shares with the chunk before
+  it, and channels past the layer's `in_width` inputs, get zero scale, bias and kernel rows: the
+  former are counted (and get their gradients) in the chunk before, and both contribute exactly
+  zero.
   """
   width = p['scale1'].shape[0]
   start = _chunk_start(static, c, width)
