@@ -69,7 +69,7 @@ def _peak_rss_mib() -> float:
 
 def _peak_device_mib(device):
   """Peak bytes in use of a JAX device's allocator, MiB; None where it keeps no statistics (CPU)."""
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  stats = device.memory_stats()
   if not stats or 'peak_bytes_in_use' not in stats:
     return None
   return stats['peak_bytes_in_use'] / 2**20
@@ -215,7 +215,7 @@ def _spawn(spec):
   return {'error': (proc.stderr or proc.stdout)[-2000:]}
 
 
-def _torch_devices():
+def _torch_device():
   """None without torchvision; else 'cuda' or 'cpu', where its workers will run."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -272,7 +272,7 @@ def main(argv):
   if _WORKER.value:
     _run_worker(_WORKER.value)
     return
-  torch_device = _torch_devices() if _TORCH.value else None
+  torch_device = _torch_device() if _TORCH.value else None
   rows, torch_cache = [], {}
   for case in _CASES.value:
     name, batch, dtype, mode = case.split(':')

@@ -68,7 +68,7 @@ def _recomputed_bwd(epsilon, padding, dtype, residuals, g):
   # since 0 * NaN is NaN) gives its inputs values the forward pass never had, so no compiler
   # pass can merge it back into the forward pass or hoist it there. An optimisation barrier
   # does not do this on CPU: XLA's cse_barrier_expander removes barriers before CSE runs.
-  zero = 0.0 * g.ravel()[0]
+  zero = ops.zero_after(g)
   pieces = tuple(p + zero.astype(p.dtype) for p in pieces)
   f = functools.partial(_normalize_relu_conv, epsilon=epsilon, padding=padding, dtype=dtype)
   _, vjp = jax.vjp(f, pieces, *rest)
@@ -251,7 +251,7 @@ def _chunked_bwd(static, residuals, cotangents):
   # at the start of the step, and it stayed allocated through the whole forward pass (a block
   # output's size: 258 MiB in DenseNet-BC L=250 at batch 64). As in `_recomputed_bwd`, a NaN g
   # makes the whole gradient NaN, which only happens once training has diverged.
-  dx = jnp.full(x.shape, 0.0 * g.ravel()[0], jnp.float32)
+  dx = jnp.full(x.shape, ops.zero_after(g), jnp.float32)
   dx, dscale, dbias, dkernel = lax.fori_loop(
       0, ops.num_chunks(x.shape[-1], static.chunk), body,
       (dx, zeros(scale), zeros(bias), zeros(kernel)))
@@ -322,7 +322,7 @@ def _recomputed_stem_bwd(static, residuals, cotangents):
   g = cotangents[0]
   # Depend on the cotangent, as in `_recomputed_bwd`, so that no pass merges the
   # recomputation back into the forward pass.
-  images = images + (0.0 * g.ravel()[0]).astype(images.dtype)
+  images = images + ops.zero_after(g).astype(images.dtype)
   f = lambda im, k, s, b: _stem_forward(static, im, k, s, b, mean, var)[0]
   _, vjp = jax.vjp(f, images, kernel, scale, bias)
   return (*vjp(g), jnp.zeros_like(mean), jnp.zeros_like(var))

@@ -68,6 +68,18 @@ def num_chunks(width, chunk: int):
   return (width + chunk - 1) // chunk
 
 
+def zero_after(g: jax.Array) -> jax.Array:
+  """A float32 zero that XLA must compute from `g`: 0 * g's first element, which it may not fold
+  to a constant (0 * NaN is NaN; a NaN g means training has already diverged).
+
+  Custom backward passes use it to tie work to the cotangent: values built from it, a
+  recomputation's inputs or a zero gradient, cannot be merged into the forward pass or
+  scheduled before the backward pass starts (where a constant array would stay allocated
+  through the whole forward pass).
+  """
+  return 0.0 * g.ravel()[0].astype(jnp.float32)
+
+
 def add_at(total: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
   """`total` with `part` added at `start` along `axis` (in place inside a loop body)."""
   axis %= total.ndim

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from densenet_jax.models import efficient
+from densenet_jax.models import ops
 from densenet_jax.models import scanned_layer
 
 Array = jax.Array
@@ -132,15 +133,16 @@ def _segment_fwd(static, buf, mean, meansq, params, kernels, keys):
 
 def _segment_bwd(static, residuals, cotangents):
   """Reverse scan: each layer is recomputed from the final buffer, whose first channels are
-  exactly that layer's input (later channels meet zero-padded parameters). With saved 1x1
-  outputs only the elementwise BN-ReLU before the 1x1 convolution is recomputed."""
+  exactly that layer's input (later channels meet zero BatchNorm parameters and masked kernel
+  rows). With saved 1x1 outputs only the elementwise BN-ReLU before the 1x1 convolution is
+  recomputed."""
   buf_f, mean_f, meansq_f, params, kernels, keys, saved = residuals
   d_buf, d_mean, d_meansq, _ = cotangents   # per-layer BN statistics are not differentiated
   k = static.growth_rate
   count = buf_f.shape[0] * buf_f.shape[1] * buf_f.shape[2]
   d_buf = d_buf.astype(jnp.float32)
-  # From the cotangent, not a constant: XLA would schedule a constant at the step's start.
-  d_kernels = jnp.full(kernels.shape, 0 * d_mean[0], jnp.float32)
+  # From the cotangent, not a constant, which XLA would schedule at the step's start.
+  d_kernels = jnp.full(kernels.shape, ops.zero_after(d_mean), jnp.float32)
 
   def body(carry, xs):
     d_buf, d_mean, d_meansq, d_kernels = carry
@@ -225,8 +227,8 @@ class _LayerVariables(nn.Module):
 
 
 def _padded(p, width):
-  """One layer's parameters (and running statistics) but its first kernel, the first
-  BatchNorm's zero-padded on input channels to `width`."""
+  """One layer's parameters and running statistics without its first kernel (`_flat_kernels`
+  holds it), those of its first BatchNorm zero-padded on input channels to `width`."""
   extra = width - p['scale1'].shape[0]
   out = {}
   for name, v in p.items():
@@ -290,7 +292,8 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
       mean, meansq = jnp.pad(mean, (0, extra)), jnp.pad(meansq, (0, extra))
     else:
       mean = meansq = jnp.zeros((width,), jnp.float32)
-    # Every layer of the segment reads the whole segment buffer: pad its parameters to it.
+    # Every layer of the segment reads the whole segment buffer: pad its first BatchNorm to it,
+    # and lay the first kernels end to end.
     layer_params = [_padded(variables[i], width) for i in range(start, end)]
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *layer_params)
     kernels = _flat_kernels([variables[i]['kernel1'] for i in range(start, end)], width)
