@@ -232,7 +232,8 @@ class DenseNet(nn.Module):
     scan_segments: run each dense block as at most this many scanned loops over one feature
       buffer (scanned.py); 0 unrolls every layer. Same variables either way.
     scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py)
-      and of a memory-efficient transition (efficient.bn_relu_conv1x1_chunked).
+      and of a memory-efficient transition (efficient.bn_relu_conv1x1_chunked); None picks
+      64 or 48 from the model's layer widths (`chunk`).
   """
 
   block_sizes: Sequence[int]
@@ -249,11 +250,37 @@ class DenseNet(nn.Module):
   dtype: Dtype = jnp.float32
   memory_efficient: bool = False
   scan_segments: int = 1
-  scan_chunk: int = 64
+  scan_chunk: Optional[int] = None
 
   def __post_init__(self):
     validate_fields(self)
     super().__post_init__()
+
+  @property
+  def chunk(self) -> int:
+    """Input channels per step of a scanned layer's first convolution: `scan_chunk`, or 48
+    where that pads the dense layers' inputs at least 5% less than 64 does, else 64.
+
+    A layer of input width w works on ceil(w / chunk) whole chunks, the channels past w masked
+    to zero: its first convolution and BatchNorm do that padded work. Larger chunks mean fewer,
+    larger matrix products. On 2 CPU cores (interleaved in one process), DenseNet-BC-100 (k=12,
+    batch 64), whose layers' padded work is 1.22x their own with 64-channel chunks and 1.13x
+    with 48, trained 5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6%
+    slower with 48, 14% slower with 32, 6% slower with 96.
+    """
+    if self.scan_chunk is not None:
+      return self.scan_chunk
+    padded = {48: 0.0, 64: 0.0}
+    channels, area = self.stem_features, 1.0
+    for i, num_layers in enumerate(self.block_sizes):
+      for j in range(num_layers):
+        width = channels + j * self.growth_rate
+        for chunk in padded:
+          padded[chunk] += area * -(-width // chunk) * chunk
+      channels += num_layers * self.growth_rate
+      if i + 1 < len(self.block_sizes):
+        channels, area = int(self.compression * channels), area / 4
+    return 48 if padded[48] <= 0.95 * padded[64] else 64
 
   @property
   def stem_features(self) -> int:
@@ -287,7 +314,7 @@ class DenseNet(nn.Module):
           dropout_rate=self.dropout_rate,
           memory_efficient=self.memory_efficient,
           scan_segments=self.scan_segments,
-          scan_chunk=self.scan_chunk,
+          scan_chunk=self.chunk,
           name=f'block{i + 1}',
           **common,
       )(x, train)
@@ -295,7 +322,7 @@ class DenseNet(nn.Module):
       if i + 1 < len(self.block_sizes):
         channels = int(self.compression * channels)
         x = Transition(channels, self.dropout_rate, memory_efficient=self.memory_efficient,
-                       chunk=self.scan_chunk, name=f'transition{i + 1}', **common)(x, train)
+                       chunk=self.chunk, name=f'transition{i + 1}', **common)(x, train)
     x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype,
@@ -332,8 +359,8 @@ def validate_fields(model: DenseNet) -> None:
     fail('dropout_rate', 'a number in [0, 1)')
   if not is_int(model.scan_segments) or model.scan_segments < 0:
     fail('scan_segments', 'a non-negative integer (0: unrolled layers)')
-  if not is_int(model.scan_chunk) or model.scan_chunk <= 0:
-    fail('scan_chunk', 'a positive integer')
+  if model.scan_chunk is not None and (not is_int(model.scan_chunk) or model.scan_chunk <= 0):
+    fail('scan_chunk', 'a positive integer or None (chosen from the layer widths)')
   if not is_int(model.num_classes) or model.num_classes <= 0:
     fail('num_classes', 'a positive integer')
   if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:
