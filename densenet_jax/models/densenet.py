@@ -9,7 +9,7 @@ Every layer of a dense block receives the feature maps of all preceding layers o
 All images are `[batch, height, width, channels]`.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -271,16 +271,21 @@ class DenseNet(nn.Module):
     if self.scan_chunk is not None:
       return self.scan_chunk
     padded = {48: 0.0, 64: 0.0}
-    channels, area = self.stem_features, 1.0
-    for i, num_layers in enumerate(self.block_sizes):
+    for i, (channels, num_layers) in enumerate(zip(self.block_inputs, self.block_sizes)):
+      area = 0.25 ** i   # each transition halves height and width
       for j in range(num_layers):
         width = channels + j * self.growth_rate
         for chunk in padded:
           padded[chunk] += area * -(-width // chunk) * chunk
-      channels += num_layers * self.growth_rate
-      if i + 1 < len(self.block_sizes):
-        channels, area = int(self.compression * channels), area / 4
     return 48 if padded[48] <= 0.95 * padded[64] else 64
+
+  @property
+  def block_inputs(self) -> Tuple[int, ...]:
+    """Input channels of each dense block: the stem's maps, then each transition's."""
+    inputs = [self.stem_features]
+    for num_layers in self.block_sizes[:-1]:
+      inputs.append(int(self.compression * (inputs[-1] + num_layers * self.growth_rate)))
+    return tuple(inputs)
 
   @property
   def stem_features(self) -> int:
@@ -304,7 +309,6 @@ class DenseNet(nn.Module):
       x = ops.max_pool(x, window=3, stride=2, padding=1)
     else:
       x = _conv(self.stem_features, 3, self.dtype, name='stem_conv')(x)
-    channels = self.stem_features
     for i, num_layers in enumerate(self.block_sizes):
       x = DenseBlock(
           num_layers=num_layers,
@@ -318,11 +322,10 @@ class DenseNet(nn.Module):
           name=f'block{i + 1}',
           **common,
       )(x, train)
-      channels += num_layers * self.growth_rate
       if i + 1 < len(self.block_sizes):
-        channels = int(self.compression * channels)
-        x = Transition(channels, self.dropout_rate, memory_efficient=self.memory_efficient,
-                       chunk=self.chunk, name=f'transition{i + 1}', **common)(x, train)
+        x = Transition(self.block_inputs[i + 1], self.dropout_rate,
+                       memory_efficient=self.memory_efficient, chunk=self.chunk,
+                       name=f'transition{i + 1}', **common)(x, train)
     x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype,
@@ -370,9 +373,7 @@ def validate_fields(model: DenseNet) -> None:
   if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                                     jnp.dtype(jnp.float16)):
     fail('dtype', 'float32, bfloat16 or float16')
-  channels = model.num_init_features or 2 * model.growth_rate
-  for i, n in enumerate(sizes[:-1]):
-    channels = int(model.compression * (channels + n * model.growth_rate))
+  for i, channels in enumerate(model.block_inputs[1:]):
     if channels == 0:
       fail('compression', f'a value that leaves transition {i + 1} at least one feature map')
 
