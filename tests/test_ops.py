@@ -73,6 +73,20 @@ def test_conv_same_gradients_equal_autodiff(kernel_size):
   _assert_same_vjp(ops.conv_same, reference, (x, kernel), g)
 
 
+def test_conv_same_gradients_are_written_out_on_cpu_only():
+  """For a CPU the backward pass is one forward convolution and one matrix product; lowered
+  for a GPU it is autodiff's two transposed convolutions (cuDNN's gradient kernels)."""
+  x = jax.ShapeDtypeStruct((2, 6, 5, 4), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((3, 3, 4, 3), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(ops.conv_same(x, k) ** 2), (0, 1)))
+
+  def program(platform):
+    return grad.trace(x, kernel).lower(lowering_platforms=(platform,)).as_text()
+  cpu, cuda = program('cpu'), program('cuda')
+  assert (cpu.count('stablehlo.convolution'), cpu.count('stablehlo.dot_general')) == (2, 1)
+  assert (cuda.count('stablehlo.convolution'), cuda.count('stablehlo.dot_general')) == (3, 0)
+
+
 @pytest.mark.parametrize('size', [(8, 8), (7, 9)])
 def test_avg_pool2_equals_flax(size):
   """Transitions pool with `avg_pool2`; it must be `nn.avg_pool`'s 2x2/2 (odd edges dropped)."""
