@@ -49,8 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
   # time independent of depth); 0 compiles every layer separately. Same variables either way.
   config.model.scan_segments = 1
   # Input channels per step of a scanned layer's first convolution: its work and backward
-  # workspace follow the layer's own width in steps of this many channels. None: 64, or 48
-  # where that pads the layers' inputs at least 5% less (DenseNet-BC-100; see DenseNet.chunk).
+  # workspace follow the layer's own width in steps of this many channels. None: on a CPU 64,
+  # or 48 where that pads the layers' inputs at least 5% less (DenseNet-BC-100); on a GPU or
+  # TPU one chunk as wide as the widest input, or 128 when memory_efficient (DenseNet.chunk_for).
   config.model.scan_chunk = config_dict.placeholder(int)
 
   config.dataset = ml_collections.ConfigDict()

@@ -128,6 +128,18 @@ def test_scan_chunk_follows_the_layer_widths_unless_set():
   assert 'tensor<1x32x32x64xf32>' in program(scan_chunk=64)
 
 
+def test_scan_chunk_on_accelerators_is_one_chunk_or_128_channels():
+  """On a GPU or TPU a standard layer runs on its whole buffer in one chunk (as wide as the
+  widest input: DenseNet-BC-100's last block ends at 150 + 16 * 12 = 342 channels), and a
+  memory-efficient one reads 128 channels at a time; an explicit scan_chunk is kept."""
+  bc100 = create_model('densenet_bc100_k12')
+  assert bc100.chunk_for('cpu') == 48
+  assert bc100.chunk_for('gpu') == bc100.chunk_for('tpu') == 342
+  assert create_model('densenet121').chunk_for('gpu') == 256 + 24 * 32
+  assert create_model('densenet121', memory_efficient=True).chunk_for('gpu') == 128
+  assert create_model('densenet121', scan_chunk=32).chunk_for('gpu') == 32
+
+
 def test_initialisation():
   """He normal (fan_out) convolutions, BN scale 1 / bias 0, zero classifier bias."""
   model = create_model('densenet_bc', depth=16, growth_rate=8)

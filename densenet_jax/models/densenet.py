@@ -233,7 +233,7 @@ class DenseNet(nn.Module):
       buffer (scanned.py); 0 unrolls every layer. Same variables either way.
     scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py)
       and of a memory-efficient transition (efficient.bn_relu_conv1x1_chunked); None picks
-      64 or 48 from the model's layer widths (`chunk`).
+      it for the platform and the model's layer widths (`chunk_for`).
   """
 
   block_sizes: Sequence[int]
@@ -258,18 +258,37 @@ class DenseNet(nn.Module):
 
   @property
   def chunk(self) -> int:
-    """Input channels per step of a scanned layer's first convolution: `scan_chunk`, or 48
-    where that pads the dense layers' inputs at least 5% less than 64 does, else 64.
+    """Input channels per step of a scanned layer's first convolution on the default backend
+    (`chunk_for`)."""
+    return self.chunk_for(jax.default_backend())
+
+  def chunk_for(self, platform: str) -> int:
+    """Input channels per step of a scanned layer's first convolution on `platform` ('cpu',
+    'gpu', 'tpu'): `scan_chunk` where set.
 
     A layer of input width w works on ceil(w / chunk) whole chunks, the channels past w masked
     to zero: its first convolution and BatchNorm do that padded work. Larger chunks mean fewer,
-    larger matrix products. On 2 CPU cores (interleaved in one process), DenseNet-BC-100 (k=12,
-    batch 64), whose layers' padded work is 1.22x their own with 64-channel chunks and 1.13x
-    with 48, trained 5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6%
-    slower with 48, 14% slower with 32, 6% slower with 96.
+    larger matrix products.
+
+    On a CPU: 48 where that pads the dense layers' inputs at least 5% less than 64 does, else
+    64. On 2 CPU cores (interleaved in one process), DenseNet-BC-100 (k=12, batch 64), whose
+    layers' padded work is 1.22x their own with 64-channel chunks and 1.13x with 48, trained
+    5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6% slower with 48, 14%
+    slower with 32, 6% slower with 96.
+
+    Elsewhere each kernel launch costs more than padded arithmetic: one chunk as wide as the
+    widest input (every layer then runs on its whole buffer), or 128 channels in the
+    memory-efficient mode, whose backward workspace follows the chunk. On one H100
+    (DenseNet-BC-100, batch 64, interleaved in one process) the standard mode trained at 1793
+    img/s with one chunk, 1533 with 128 and 1309 with 48; the memory-efficient mode at 1349
+    img/s with 128 (210 MiB compiled temp) and 1108 with 48 (179 MiB).
     """
     if self.scan_chunk is not None:
       return self.scan_chunk
+    if platform != 'cpu':
+      if self.memory_efficient:
+        return 128
+      return max(c + n * self.growth_rate for c, n in zip(self.block_inputs, self.block_sizes))
     padded = {48: 0.0, 64: 0.0}
     for i, (channels, num_layers) in enumerate(zip(self.block_inputs, self.block_sizes)):
       area = 0.25 ** i   # each transition halves height and width
