@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from densenet_jax.models import efficient
+from densenet_jax.models import initializers
 from densenet_jax.models import ops
 from densenet_jax.models import scanned
 
@@ -24,12 +25,8 @@ Dtype = Any
 
 STEMS = ('imagenet', 'cifar')
 
-# He normal initialisation with fan_out, as the official Torch implementation of the paper
-# (and fb.resnet.torch, which it builds on) initialises convolutions:
-# std = sqrt(2 / (kernel_h * kernel_w * out_channels)). fan_out rather than fan_in keeps the
-# variance of the *backward* signal constant, which matters more than the forward one in a
-# network whose early feature maps feed every later layer of their block.
-conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# He normal with fan_out, as the paper's Torch code; see initializers.py.
+conv_kernel_init = initializers.conv_kernel_init
 
 
 def _bn_relu(x: Array, train: bool, name: str, epsilon: float, momentum: float,
