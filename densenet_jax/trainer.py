@@ -210,8 +210,12 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
                jax.device_count(), plan.process_count, plan.global_batch,
                plan.steps_per_epoch, plan.num_train_steps)
 
+  start = time.perf_counter()
   state, state_shardings = train_lib.create_train_state(
       model, tx, config.seed, info.image_shape, mesh)
+  jax.block_until_ready(state)
+  logging.info('Initialised %d parameters in %.1f s.',
+               sum(x.size for x in jax.tree.leaves(state.params)), time.perf_counter() - start)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   state = _restore(checkpointer, state, plan, model, config.init_checkpoint)
   start_step = int(state.step)
