@@ -1,0 +1,1 @@
+"""Native (C++) kernels called from XLA as FFI custom calls."""

@@ -1,0 +1,329 @@
+// Stride-1 'same' convolutions and their two gradients through oneDNN, as XLA FFI handlers.
+//
+// XLA:CPU runs convolutions with Eigen (or YNNPACK) and differentiates them as further
+// convolutions; PyTorch runs the same three operations through oneDNN's JIT kernels, which
+// is most of why torchvision's DenseNets trained as fast as ours on a 2-core CPU. These
+// handlers give the train step oneDNN's kernels for NHWC activations and HWIO kernels,
+// the layouts our models already use, so nothing is transposed around the calls.
+//
+// Threads: this oneDNN build parallelises with OpenMP, and inside an XLA program its thread
+// team competed with XLA's own threads for the cores (XLA runs independent operations
+// concurrently): DenseNet-BC-100's step was no faster than with XLA's convolutions. So each
+// call splits its batch into as many parts as XLA's intra-op thread pool has threads, runs
+// every part single-threaded, the calling thread taking parts too, and parts that no pool
+// thread has picked up by then run on the calling thread: no thread waits for a busy core.
+//
+// Primitives are built once per shape and kept (building one takes longer than running a
+// small one). Kernels are reordered into oneDNN's preferred blocked layout on each call:
+// they are small next to the activations.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+using Dt = memory::data_type;
+
+// (batch, height, width, in, out, kernel size).
+using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+dnnl::engine& Engine() {
+  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+struct Descs {
+  memory::desc src, dst, user_weights, any_weights;
+  memory::dims strides, padding;
+};
+
+Descs MakeDescs(const Shape& s) {
+  auto [n, h, w, cin, cout, k] = s;
+  int64_t pad = k / 2;
+  return Descs{memory::desc({n, cin, h, w}, Dt::f32, Tag::nhwc),
+               memory::desc({n, cout, h, w}, Dt::f32, Tag::nhwc),
+               memory::desc({cout, cin, k, k}, Dt::f32, Tag::hwio),
+               memory::desc({cout, cin, k, k}, Dt::f32, Tag::any),
+               {1, 1},
+               {pad, pad}};
+}
+
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc ForwardPd(const Shape& s) {
+  Descs d = MakeDescs(s);
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
+      d.any_weights, d.dst, d.strides, d.padding, d.padding, UserScratchpad());
+}
+
+// One operation for one shape: its primitive, and the reorder between the user's HWIO
+// kernel and the primitive's kernel layout (absent when they are the same).
+struct Op {
+  dnnl::primitive primitive;
+  memory::desc weights;  // the primitive's kernel layout
+  memory::desc scratchpad;
+  std::unique_ptr<dnnl::reorder> weights_reorder;
+};
+
+enum class Kind { kForward, kBackwardData, kBackwardWeights };
+
+std::unique_ptr<Op> BuildOp(Kind kind, const Shape& s) {
+  Descs d = MakeDescs(s);
+  auto fwd = ForwardPd(s);
+  auto op = std::make_unique<Op>();
+  bool to_primitive = true;  // the kernel is reordered into the primitive's layout
+  switch (kind) {
+    case Kind::kForward: {
+      op->primitive = dnnl::convolution_forward(fwd);
+      op->weights = fwd.weights_desc();
+      op->scratchpad = fwd.scratchpad_desc();
+      break;
+    }
+    case Kind::kBackwardData: {
+      dnnl::convolution_backward_data::primitive_desc pd(
+          Engine(), dnnl::algorithm::convolution_direct, d.src, d.any_weights, d.dst, d.strides,
+          d.padding, d.padding, fwd, UserScratchpad());
+      op->primitive = dnnl::convolution_backward_data(pd);
+      op->weights = pd.weights_desc();
+      op->scratchpad = pd.scratchpad_desc();
+      break;
+    }
+    case Kind::kBackwardWeights: {
+      dnnl::convolution_backward_weights::primitive_desc pd(
+          Engine(), dnnl::algorithm::convolution_direct, d.src, d.any_weights, d.dst, d.strides,
+          d.padding, d.padding, fwd, UserScratchpad());
+      op->primitive = dnnl::convolution_backward_weights(pd);
+      op->weights = pd.diff_weights_desc();
+      op->scratchpad = pd.scratchpad_desc();
+      to_primitive = false;  // the gradient is reordered back into HWIO
+      break;
+    }
+  }
+  if (op->weights != d.user_weights) {
+    dnnl::reorder::primitive_desc rpd =
+        to_primitive ? dnnl::reorder::primitive_desc(Engine(), d.user_weights, Engine(),
+                                                     op->weights)
+                     : dnnl::reorder::primitive_desc(Engine(), op->weights, Engine(),
+                                                     d.user_weights);
+    op->weights_reorder = std::make_unique<dnnl::reorder>(rpd);
+  }
+  return op;
+}
+
+const Op& GetOp(Kind kind, const Shape& s) {
+  static std::mutex* mu = new std::mutex;
+  static auto* ops = new std::map<std::tuple<Kind, Shape>, std::unique_ptr<Op>>;
+  std::lock_guard<std::mutex> lock(*mu);
+  auto key = std::make_tuple(kind, s);
+  auto it = ops->find(key);
+  if (it == ops->end()) it = ops->emplace(key, BuildOp(kind, s)).first;
+  return *it->second;
+}
+
+// Owned scratch memory for one call, freed when it goes out of scope.
+struct Scratch {
+  std::unique_ptr<void, decltype(&std::free)> data{nullptr, &std::free};
+  memory Make(const memory::desc& desc) {
+    size_t bytes = desc.get_size();
+    if (bytes == 0) return memory(desc, Engine(), nullptr);
+    data.reset(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+    return memory(desc, Engine(), data.get());
+  }
+};
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> act, ffi::Span<const int64_t> kernel,
+                       const char* what) {
+  if (act.size() != 4 || kernel.size() != 4 || kernel[0] != kernel[1] || kernel[0] % 2 != 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      std::string(what) + ": expected NHWC activations and a square, odd-sized "
+                                          "HWIO kernel");
+  }
+  return ffi::Error::Success();
+}
+
+void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
+  const Op& op = GetOp(kind, s);
+  Descs d = MakeDescs(s);
+  dnnl::stream stream(Engine());
+  Scratch scratch_pad, scratch_weights;
+  memory user_weights(d.user_weights, Engine(), weights);
+  memory op_weights = op.weights_reorder ? scratch_weights.Make(op.weights) : user_weights;
+  if (op.weights_reorder && kind != Kind::kBackwardWeights) {
+    op.weights_reorder->execute(stream, user_weights, op_weights);
+  }
+  memory src_mem(d.src, Engine(), src), dst_mem(d.dst, Engine(), dst);
+  memory pad = scratch_pad.Make(op.scratchpad);
+  switch (kind) {
+    case Kind::kForward:
+      op.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, op_weights},
+                                    {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
+      break;
+    case Kind::kBackwardData:
+      op.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
+                                    {DNNL_ARG_WEIGHTS, op_weights},
+                                    {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
+      break;
+    case Kind::kBackwardWeights:
+      op.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
+                                    {DNNL_ARG_DIFF_WEIGHTS, op_weights},
+                                    {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
+      if (op.weights_reorder) op.weights_reorder->execute(stream, op_weights, user_weights);
+      break;
+  }
+  stream.wait();
+}
+
+Shape ShapeOf(ffi::Span<const int64_t> act, ffi::Span<const int64_t> kernel, int64_t batch) {
+  return Shape(batch, act[1], act[2], kernel[2], kernel[3], kernel[0]);
+}
+
+// Runs part(i, first, count) for parts of the batch [0, n) on the calling thread and on XLA's
+// intra-op thread pool; returns when all parts are done. Parts are claimed from a shared
+// counter, so a part that no pool thread has claimed yet runs on the calling thread.
+void ForEachPart(ffi::ThreadPool& pool, int64_t n,
+                 const std::function<void(int64_t, int64_t, int64_t)>& part) {
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, pool.num_threads()));
+  auto run = [n, parts, &part](int64_t i) {
+    omp_set_num_threads(1);  // per thread; see the comment at the top
+    int64_t first = n * i / parts;
+    part(i, first, n * (i + 1) / parts - first);
+  };
+  if (parts == 1) {
+    run(0);
+    return;
+  }
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    int64_t done = 0;
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto shared = std::make_shared<Shared>();
+  // Claims and runs parts until none is left. A pool task that starts after the call has
+  // returned finds none and touches nothing but `shared`.
+  auto work = [shared, parts, run]() {
+    for (int64_t i; (i = shared->next.fetch_add(1)) < parts;) {
+      run(i);
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (++shared->done == parts) shared->cv.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule(std::function<void()>(work));
+  work();
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done == parts; });
+}
+
+ffi::Error Guard(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// Floats per image of an NHWC array.
+int64_t ImageSize(ffi::Span<const int64_t> dims) { return dims[1] * dims[2] * dims[3]; }
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Error err = CheckShapes(x.dimensions(), kernel.dimensions(), "onednn_conv_forward");
+  if (err.failure()) return err;
+  int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
+  return Guard([&] {
+    ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
+      Run(Kind::kForward, ShapeOf(x.dimensions(), kernel.dimensions(), count),
+          x.typed_data() + first * x_size, kernel.untyped_data(),
+          y->typed_data() + first * y_size);
+    });
+  });
+}
+
+ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx) {
+  ffi::Error err = CheckShapes(g.dimensions(), kernel.dimensions(), "onednn_conv_backward_data");
+  if (err.failure()) return err;
+  int64_t g_size = ImageSize(g.dimensions()), dx_size = ImageSize(dx->dimensions());
+  return Guard([&] {
+    ForEachPart(pool, g.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
+      Run(Kind::kBackwardData, ShapeOf(g.dimensions(), kernel.dimensions(), count),
+          dx->typed_data() + first * dx_size, kernel.untyped_data(),
+          g.typed_data() + first * g_size);
+    });
+  });
+}
+
+ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dkernel) {
+  ffi::Error err =
+      CheckShapes(x.dimensions(), dkernel->dimensions(), "onednn_conv_backward_weights");
+  if (err.failure()) return err;
+  int64_t x_size = ImageSize(x.dimensions()), g_size = ImageSize(g.dimensions());
+  int64_t k_size = dkernel->element_count();
+  // Each part's kernel gradient goes to its own buffer (the first part's to the result), and
+  // they are summed at the end.
+  std::vector<std::vector<float>> partial(std::max<int64_t>(1, x.dimensions()[0]));
+  return Guard([&] {
+    ForEachPart(pool, x.dimensions()[0], [&](int64_t i, int64_t first, int64_t count) {
+      float* out = dkernel->typed_data();
+      if (i > 0) {
+        partial[i].resize(k_size);
+        out = partial[i].data();
+      }
+      Run(Kind::kBackwardWeights, ShapeOf(x.dimensions(), dkernel->dimensions(), count),
+          x.typed_data() + first * x_size, out, g.typed_data() + first * g_size);
+    });
+    float* out = dkernel->typed_data();
+    for (size_t i = 1; i < partial.size(); ++i) {
+      for (int64_t e = 0; e < static_cast<int64_t>(partial[i].size()); ++e) out[e] += partial[i][e];
+    }
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardData, BackwardDataImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardWeights, BackwardWeightsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,117 @@
+"""oneDNN convolutions on the CPU (densenet_jax/native): built, used, and equal to XLA's."""
+
+import platform
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from densenet_jax.models import ops
+from densenet_jax.native import onednn
+
+# requirements.txt installs oneDNN on x86-64 Linux; there it must be in use, not silently off.
+_EXPECTED = sys.platform == 'linux' and platform.machine() == 'x86_64'
+
+
+@pytest.fixture
+def use_onednn():
+  previous = onednn._state['enabled']
+  onednn.set_enabled(True)
+  if not onednn.available():
+    pytest.skip(f'oneDNN unavailable: {onednn._state["reason"]}')
+  yield
+  onednn.set_enabled(previous)
+
+
+@pytest.mark.skipif(not _EXPECTED, reason='oneDNN is installed on x86-64 Linux only')
+def test_available_where_installed():
+  onednn.set_enabled(True)
+  assert onednn.available(), onednn._state['reason']
+
+
+def _conv(x, kernel):
+  pad = kernel.shape[0] // 2
+  return lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# Batches of 1 and 3 split unevenly (or not at all) over the thread pool's threads.
+@pytest.mark.parametrize('batch,height,width,cin,cout,size', [
+    (1, 5, 7, 4, 3, 3), (3, 6, 5, 8, 5, 3), (4, 9, 9, 16, 8, 1), (2, 6, 6, 3, 2, 5)])
+def test_values_and_gradients_equal_xla(use_onednn, batch, height, width, cin, cout, size):
+  rng = np.random.default_rng(batch)
+  x = jnp.asarray(rng.standard_normal((batch, height, width, cin)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((size, size, cin, cout)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((batch, height, width, cout)), jnp.float32)
+  y = jax.jit(onednn.conv_forward)(x, kernel)
+  dx = jax.jit(onednn.conv_backward_data)(g, kernel)
+  dk = jax.jit(onednn.conv_backward_weights, static_argnums=2)(x, g, kernel.shape)
+  y_ref, pullback = jax.vjp(_conv, x, kernel)
+  dx_ref, dk_ref = pullback(g)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-4)
+
+
+def _custom_calls(f, *args):
+  text = jax.jit(f).lower(*args).as_text()
+  return sorted(set(t for t in ('forward', 'backward_data', 'backward_weights')
+                    if f'densenet_onednn_conv_{t}' in text))
+
+
+def test_ops_take_the_onednn_path_in_a_scan(use_onednn):
+  """ops.conv_same and ops.pointwise, as the scanned blocks call them: all three oneDNN
+  operations in the program, and the same loss gradient as with XLA's convolutions."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 8, 8, 6)), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((4, 3, 3, 6, 6)) * 0.3, jnp.float32)
+  mixes = jnp.asarray(rng.standard_normal((4, 1, 1, 6, 6)) * 0.3, jnp.float32)
+
+  def loss(x, kernels, mixes):
+    def body(h, p):
+      return jax.nn.relu(ops.pointwise(ops.conv_same(h, p[0]), p[1])), None
+    return jnp.sum(lax.scan(body, x, (kernels, mixes))[0] ** 2)
+
+  grad = jax.grad(loss, (0, 1, 2))
+  assert _custom_calls(grad, x, kernels, mixes) == [
+      'backward_data', 'backward_weights', 'forward']
+  ours = jax.jit(grad)(x, kernels, mixes)
+  onednn.set_enabled(False)
+  assert _custom_calls(grad, x, kernels, mixes) == []
+  reference = jax.jit(grad)(x, kernels, mixes)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+
+
+def test_bfloat16_stays_with_xla(use_onednn):
+  x = jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.bfloat16)
+  kernel = jax.ShapeDtypeStruct((3, 3, 3, 2), jnp.bfloat16)
+  assert _custom_calls(ops.conv_same, x, kernel) == []
+
+
+def test_missing_onednn_is_named_and_falls_back(monkeypatch, tmp_path):
+  monkeypatch.setenv('DENSENET_JAX_ONEDNN_ROOT', str(tmp_path))
+  monkeypatch.setattr(sys, 'prefix', str(tmp_path / 'venv'))
+  with pytest.raises(FileNotFoundError, match=r'include/oneapi/dnnl/dnnl.hpp.*'
+                                              r'pip install onednn-cpu-gomp'):
+    onednn.build()
+  # available() turns the failure into XLA's convolutions, with the reason kept.
+  monkeypatch.setattr(onednn, '_state', {'enabled': True, 'loaded': None, 'reason': None})
+  assert not onednn.available()
+  assert 'dnnl.hpp' in onednn._state['reason']
+  x = jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((3, 3, 3, 2), jnp.float32)
+  assert _custom_calls(ops.conv_same, x, kernel) == []
+  jax.clear_caches()   # the traces above used the fallback
+
+
+def test_bad_compiler_is_named(monkeypatch, tmp_path):
+  if not onednn.available():
+    pytest.skip('no oneDNN here')
+  monkeypatch.setenv('DENSENET_JAX_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
+  with pytest.raises(FileNotFoundError, match='no-such-compiler-xyz'):
+    onednn.build()
