@@ -16,7 +16,8 @@ memory and its median's ratio to the first variant's.
 
 A variant is a comma-separated list of FIELD=VALUE settings of `create_model` (DenseNet fields,
 and depth for CIFAR families), values as Python literals (True, 32, 0.5) or dtype names
-(bfloat16); `--overrides` applies to every variant, and an empty variant is the model as
+(bfloat16), plus `onednn=False` to trace the variant with XLA's own CPU convolutions instead of
+oneDNN's (densenet_jax/native/onednn.py); `--overrides` applies to every variant, and an empty variant is the model as
 `--model` and `--overrides` give it. Steps are the trainer's real jitted train step (SGD,
 BatchNorm updates), as in throughput.py. Like train.py, it restarts itself with the glibc
 huge-page tunable (densenet_jax/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it off).
@@ -67,13 +68,17 @@ def main(argv):
   hugepages.restart_with_hugepages()
   import jax  # pylint: disable=g-import-not-at-top
   from densenet_jax.models import create_model
+  from densenet_jax.native import onednn
 
   base = parse_settings(_OVERRIDES.value)
   names = [v.strip() for v in _VARIANTS.value.split(';')]
+  settings = [{**base, **parse_settings(v)} for v in names]
+  use_onednn = [s.pop('onednn', True) for s in settings]
   # Every variant is built (and so validated) before anything compiles.
-  models = [create_model(_MODEL.value, **{**base, **parse_settings(v)}) for v in names]
+  models = [create_model(_MODEL.value, **s) for s in settings]
   runs = []
-  for name, model in zip(names, models):
+  for name, model, flag in zip(names, models, use_onednn):
+    onednn.set_enabled(flag)   # read when the step is traced
     compiled, state, data, compile_s, temp_mib = compiled_train_step(model, _BATCH.value)
     runs.append(dict(variant=name or '(as named)', compiled=compiled, state=state, data=data,
                      compile_s=compile_s, temp_mib=temp_mib, times=[]))

@@ -30,6 +30,7 @@ from densenet_jax import run_guard
 from densenet_jax import train_lib
 from densenet_jax import validation
 from densenet_jax.models import create_model
+from densenet_jax.native import onednn
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -209,6 +210,10 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   logging.info('%d devices in %d processes; global batch %d; %d steps per epoch; %d steps.',
                jax.device_count(), plan.process_count, plan.global_batch,
                plan.steps_per_epoch, plan.num_train_steps)
+  if jax.default_backend() == 'cpu':
+    # Built here on first use (seconds), before anything is traced.
+    logging.info('CPU convolutions: %s.', 'oneDNN' if onednn.available() else
+                 f'XLA\'s ({onednn.unavailable_reason()})')
 
   start = time.perf_counter()
   state, state_shardings = train_lib.create_train_state(

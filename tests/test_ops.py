@@ -8,6 +8,16 @@ import pytest
 from jax import lax
 
 from densenet_jax.models import ops
+from densenet_jax.native import onednn
+
+
+@pytest.fixture(params=[True, False], ids=['onednn', 'xla'])
+def cpu_convolutions(request):
+  """Runs a test with oneDNN's CPU convolutions (where built) and with XLA's own."""
+  previous = onednn._state['enabled']
+  onednn.set_enabled(request.param)
+  yield request.param and onednn.available()
+  onednn.set_enabled(previous)
 
 
 def _vjp(f, x, g):
@@ -49,7 +59,7 @@ def _assert_same_vjp(ours, reference, args, g):
     np.testing.assert_allclose(mine, theirs, atol=1e-4)
 
 
-def test_pointwise_gradients_equal_autodiff():
+def test_pointwise_gradients_equal_autodiff(cpu_convolutions):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.standard_normal((2, 3, 4, 5)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((1, 1, 5, 6)), jnp.float32)
@@ -59,7 +69,7 @@ def test_pointwise_gradients_equal_autodiff():
 
 
 @pytest.mark.parametrize('kernel_size', [1, 3, 5])
-def test_conv_same_gradients_equal_autodiff(kernel_size):
+def test_conv_same_gradients_equal_autodiff(kernel_size, cpu_convolutions):
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 4, 3)), jnp.float32)
@@ -73,9 +83,10 @@ def test_conv_same_gradients_equal_autodiff(kernel_size):
   _assert_same_vjp(ops.conv_same, reference, (x, kernel), g)
 
 
-def test_conv_same_gradients_are_written_out_on_cpu_only():
-  """For a CPU the backward pass is one forward convolution and one matrix product; lowered
-  for a GPU it is autodiff's two transposed convolutions (cuDNN's gradient kernels)."""
+def test_conv_same_gradients_are_written_out_on_cpu_only(cpu_convolutions):
+  """For a CPU the backward pass is oneDNN's (three custom calls, forward included) or else one
+  forward convolution and one matrix product; lowered for a GPU it is autodiff's two transposed
+  convolutions (cuDNN's gradient kernels)."""
   x = jax.ShapeDtypeStruct((2, 6, 5, 4), jnp.float32)
   kernel = jax.ShapeDtypeStruct((3, 3, 4, 3), jnp.float32)
   grad = jax.jit(jax.grad(lambda x, k: jnp.sum(ops.conv_same(x, k) ** 2), (0, 1)))
@@ -83,7 +94,11 @@ def test_conv_same_gradients_are_written_out_on_cpu_only():
   def program(platform):
     return grad.trace(x, kernel).lower(lowering_platforms=(platform,)).as_text()
   cpu, cuda = program('cpu'), program('cuda')
-  assert (cpu.count('stablehlo.convolution'), cpu.count('stablehlo.dot_general')) == (2, 1)
+  if cpu_convolutions:
+    assert (cpu.count('stablehlo.convolution'), cpu.count('stablehlo.dot_general')) == (0, 0)
+    assert cpu.count('stablehlo.custom_call @densenet_onednn_conv_') == 3
+  else:
+    assert (cpu.count('stablehlo.convolution'), cpu.count('stablehlo.dot_general')) == (2, 1)
   assert (cuda.count('stablehlo.convolution'), cuda.count('stablehlo.dot_general')) == (3, 0)
 
 

@@ -41,8 +41,9 @@ redo that convolution; the memory-efficient mode recomputes the whole layer inst
 BatchNorm statistics of a buffer channel never change once written, so they are carried along
 as per-channel mean and mean of squares instead of being recomputed over the whole buffer.
 
-3x3 convolutions go through `ops.conv_same`, whose gradients XLA:CPU runs at full speed inside
-a loop body (autodiff's own gradient convolutions run 10-40x slower there).
+Convolutions go through `ops.pointwise` and `ops.conv_same`: on a CPU, oneDNN's convolutions
+and gradients (densenet_jax/native), or else gradients that XLA:CPU runs at full speed inside a
+loop body (autodiff's own gradient convolutions run 10-40x slower there).
 """
 
 import functools

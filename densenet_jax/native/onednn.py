@@ -122,6 +122,15 @@ def available() -> bool:
   return _state['loaded']
 
 
+def unavailable_reason() -> str:
+  """Why `available()` is False ('' while it is True or has not been asked)."""
+  if not _state['enabled']:
+    return 'turned off (DENSENET_JAX_ONEDNN=0 or set_enabled)'
+  if jax.default_backend() != 'cpu':
+    return f'not a CPU backend ({jax.default_backend()})'
+  return _state['reason'] or ''
+
+
 def set_enabled(enabled: bool) -> None:
   """Turns the oneDNN path on or off for steps traced from now on (benchmarks, tests)."""
   if bool(enabled) != _state['enabled']:
