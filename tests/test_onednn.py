@@ -115,3 +115,29 @@ def test_bad_compiler_is_named(monkeypatch, tmp_path):
   monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
   with pytest.raises(FileNotFoundError, match='no-such-compiler-xyz'):
     onednn.build()
+
+
+def test_pointwise_accumulate_adds_in_place(use_onednn):
+  """ops.pointwise_accumulate: acc + the 1x1 convolution, through oneDNN's sum post-op on the
+  CPU, in a loop as the scanned layers sum their chunks; gradients as for the sum."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((3, 5, 6, 8)), jnp.float32)
+  kernels = jnp.asarray(rng.standard_normal((4, 1, 1, 8, 7)), jnp.float32)
+  acc = jnp.asarray(rng.standard_normal((3, 5, 6, 7)), jnp.float32)
+
+  def summed(acc, x, kernels):
+    return lax.fori_loop(0, 4, lambda i, a: ops.pointwise_accumulate(a, x * i, kernels[i]), acc)
+
+  reference = acc + sum(jnp.einsum('nhwc,co->nhwo', x * i, kernels[i, 0, 0]) for i in range(4))
+  assert 'densenet_onednn_conv_forward_accumulate' in jax.jit(summed).lower(
+      acc, x, kernels).as_text()
+  np.testing.assert_allclose(jax.jit(summed)(acc, x, kernels), reference, rtol=1e-5, atol=1e-4)
+  # acc is still intact after the aliased call (XLA copies it when it is used again).
+  total = jax.jit(lambda a, x, k: ops.pointwise_accumulate(a, x, k) + a)(acc, x, kernels[1])
+  np.testing.assert_allclose(total, 2 * acc + jnp.einsum('nhwc,co->nhwo', x, kernels[1, 0, 0]),
+                             rtol=1e-5, atol=1e-4)
+  loss = lambda a, x, k: jnp.sum(ops.pointwise_accumulate(a, x, k) ** 2)
+  ref_loss = lambda a, x, k: jnp.sum((a + jnp.einsum('nhwc,co->nhwo', x, k[0, 0])) ** 2)
+  for ours, theirs in zip(jax.grad(loss, (0, 1, 2))(acc, x, kernels[2]),
+                          jax.grad(ref_loss, (0, 1, 2))(acc, x, kernels[2])):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)

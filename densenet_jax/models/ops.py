@@ -79,6 +79,44 @@ def _pointwise_bwd_xla(x, kernel, g):
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
+@jax.custom_vjp
+def pointwise_accumulate(acc: jax.Array, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """acc + pointwise(x, kernel), for summing a 1x1 convolution over chunks of its input.
+
+  On a CPU with oneDNN (float32) the convolution adds its result into acc's buffer as it writes
+  it, instead of writing it and then adding it in a separate pass over both.
+  """
+  return _pointwise_accumulate_any(acc, x, kernel)
+
+
+def _pointwise_accumulate_any(acc, x, kernel):
+  return lax.platform_dependent(acc, x, kernel, cpu=_pointwise_accumulate_cpu,
+                                default=_pointwise_accumulate_xla)
+
+
+def _pointwise_accumulate_xla(acc, x, kernel):
+  return acc + _pointwise_any(x, kernel).astype(acc.dtype)
+
+
+def _pointwise_accumulate_cpu(acc, x, kernel):
+  if x.ndim == 4 and onednn.usable(acc, x, kernel):
+    return onednn.conv_forward_accumulate(acc, x, kernel)
+  return _pointwise_accumulate_xla(acc, x, kernel)
+
+
+def _pointwise_accumulate_fwd(acc, x, kernel):
+  return _pointwise_accumulate_any(acc, x, kernel), (x, kernel)
+
+
+def _pointwise_accumulate_bwd(residuals, g):
+  x, kernel = residuals
+  dx, dk = _pointwise_bwd(residuals, g.astype(x.dtype))
+  return g, dx, dk
+
+
+pointwise_accumulate.defvjp(_pointwise_accumulate_fwd, _pointwise_accumulate_bwd)
+
+
 def chunk_start(c, chunk: int, width: int):
   """First channel of chunk c when a `width`-channel axis is read `chunk` channels at a time.
 

@@ -93,16 +93,20 @@ def _chunk_params(static: Static, p, kernels, j, c, in_width):
           'kernel1': jnp.where(own[:, None], rows, 0.0)}
 
 
-def _first_chunk(static: Static, buf_c, mean_c, meansq_c, pc):
-  """BN-ReLU-Conv of one chunk of input channels: its share of the layer's first convolution."""
+def _first_chunk(static: Static, buf_c, mean_c, meansq_c, pc, acc=None):
+  """BN-ReLU-Conv of one chunk of input channels: its share of the layer's first convolution,
+  added to `acc` (the chunks before) where given."""
   if static.train:
     mean1, var1 = mean_c, jnp.maximum(0.0, meansq_c - lax.square(mean_c))
   else:
     mean1, var1 = pc['mean1'], pc['var1']
   h = _norm_relu(buf_c, mean1, var1, pc['scale1'], pc['bias1'], static.epsilon, static.dtype)
   kernel = pc['kernel1'].astype(static.dtype)
+  if acc is not None and static.bottleneck and static.dtype == jnp.float32:
+    return ops.pointwise_accumulate(acc, h, kernel)
   y = ops.pointwise(h, kernel) if static.bottleneck else ops.conv_same(h, kernel)
-  return y.astype(jnp.float32)
+  y = y.astype(jnp.float32)
+  return y if acc is None else acc + y
 
 
 def first(static: Static, buf, mean, meansq, p, kernels, j, in_width):
@@ -125,11 +129,14 @@ def first(static: Static, buf, mean, meansq, p, kernels, j, in_width):
 
   def body(c, y):
     chunk = lambda x: _chunk(static, x, c, width)
-    return y + _first_chunk(static, chunk(buf), chunk(mean), chunk(meansq),
-                            _chunk_params(static, p, kernels, j, c, in_width))
+    return _first_chunk(static, chunk(buf), chunk(mean), chunk(meansq),
+                        _chunk_params(static, p, kernels, j, c, in_width), acc=y)
 
-  y = jnp.zeros(buf.shape[:3] + (kernels.shape[-1],), jnp.float32)
-  y = lax.fori_loop(0, ops.num_chunks(in_width, static.chunk), body, y)
+  # The first chunk starts the sum (no array of zeros to add to); the loop adds the others.
+  first_chunk = lambda x: _chunk(static, x, 0, width)
+  y = _first_chunk(static, first_chunk(buf), first_chunk(mean), first_chunk(meansq),
+                   _chunk_params(static, p, kernels, j, 0, in_width))
+  y = lax.fori_loop(1, ops.num_chunks(in_width, static.chunk), body, y)
   if static.dropout_rate > 0 and static.train:
     y = _dropout(y, static.dropout_rate, _keys(static, p['key'])[0])
   return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}

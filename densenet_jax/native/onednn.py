@@ -33,6 +33,7 @@ import jaxlib
 _SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
 _TARGETS = {
     'forward': 'DensenetOnednnConvForward',
+    'forward_accumulate': 'DensenetOnednnConvForwardAccumulate',
     'backward_data': 'DensenetOnednnConvBackwardData',
     'backward_weights': 'DensenetOnednnConvBackwardWeights',
 }
@@ -145,14 +146,20 @@ def usable(*arrays) -> bool:
   return all(a.dtype == jnp.float32 for a in arrays) and available()
 
 
-def _call(name, result, *args):
-  return jax.ffi.ffi_call(f'densenet_onednn_conv_{name}', result)(*args)
+def _call(name, result, *args, **kwargs):
+  return jax.ffi.ffi_call(f'densenet_onednn_conv_{name}', result, **kwargs)(*args)
 
 
 def conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'same' convolution: x [N, H, W, in], kernel [k, k, in, out], k odd."""
   return _call('forward', jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype),
                x, kernel)
+
+
+def conv_forward_accumulate(acc: jax.Array, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """acc + conv_forward(x, kernel), written into acc's buffer in the convolution's own pass."""
+  return _call('forward_accumulate', jax.ShapeDtypeStruct(acc.shape, acc.dtype), x, kernel, acc,
+               input_output_aliases={2: 0})
 
 
 def conv_backward_data(g: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -73,11 +73,19 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
-dnnl::convolution_forward::primitive_desc ForwardPd(const Shape& s) {
+// With `accumulate`, the primitive adds its result to what the output already holds (oneDNN's
+// sum post-op), in the same pass that writes it.
+dnnl::convolution_forward::primitive_desc ForwardPd(const Shape& s, bool accumulate = false) {
   Descs d = MakeDescs(s);
+  dnnl::primitive_attr attr = UserScratchpad();
+  if (accumulate) {
+    dnnl::post_ops ops;
+    ops.append_sum(1.0f);
+    attr.set_post_ops(ops);
+  }
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
-      d.any_weights, d.dst, d.strides, d.padding, d.padding, UserScratchpad());
+      d.any_weights, d.dst, d.strides, d.padding, d.padding, attr);
 }
 
 // One operation for one shape: its primitive, and the reorder between the user's HWIO
@@ -89,7 +97,7 @@ struct Op {
   std::unique_ptr<dnnl::reorder> weights_reorder;
 };
 
-enum class Kind { kForward, kBackwardData, kBackwardWeights };
+enum class Kind { kForward, kForwardAccumulate, kBackwardData, kBackwardWeights };
 
 std::unique_ptr<Op> BuildOp(Kind kind, const Shape& s) {
   Descs d = MakeDescs(s);
@@ -97,10 +105,12 @@ std::unique_ptr<Op> BuildOp(Kind kind, const Shape& s) {
   auto op = std::make_unique<Op>();
   bool to_primitive = true;  // the kernel is reordered into the primitive's layout
   switch (kind) {
-    case Kind::kForward: {
-      op->primitive = dnnl::convolution_forward(fwd);
-      op->weights = fwd.weights_desc();
-      op->scratchpad = fwd.scratchpad_desc();
+    case Kind::kForward:
+    case Kind::kForwardAccumulate: {
+      auto pd = kind == Kind::kForward ? fwd : ForwardPd(s, /*accumulate=*/true);
+      op->primitive = dnnl::convolution_forward(pd);
+      op->weights = pd.weights_desc();
+      op->scratchpad = pd.scratchpad_desc();
       break;
     }
     case Kind::kBackwardData: {
@@ -179,6 +189,7 @@ void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
   memory pad = scratch_pad.Make(op.scratchpad);
   switch (kind) {
     case Kind::kForward:
+    case Kind::kForwardAccumulate:
       op.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, op_weights},
                                     {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
       break;
@@ -264,6 +275,26 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
 }
 
+// y = acc + convolution(x, kernel); y is aliased to acc (input_output_aliases in onednn.py).
+ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> acc,
+                                 ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Error err =
+      CheckShapes(x.dimensions(), kernel.dimensions(), "onednn_conv_forward_accumulate");
+  if (err.failure()) return err;
+  if (acc.untyped_data() != y->untyped_data()) {
+    std::copy_n(acc.typed_data(), acc.element_count(), y->typed_data());
+  }
+  int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
+  return Guard([&] {
+    ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
+      Run(Kind::kForwardAccumulate, ShapeOf(x.dimensions(), kernel.dimensions(), count),
+          x.typed_data() + first * x_size, kernel.untyped_data(),
+          y->typed_data() + first * y_size);
+    });
+  });
+}
+
 ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                             ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx) {
   ffi::Error err = CheckShapes(g.dimensions(), kernel.dimensions(), "onednn_conv_backward_data");
@@ -310,6 +341,14 @@ ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForwardAccumulate, ForwardAccumulateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
