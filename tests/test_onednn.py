@@ -32,28 +32,39 @@ def test_available_where_installed():
   assert onednn.available(), onednn._state['reason']
 
 
-def _conv(x, kernel):
-  pad = kernel.shape[0] // 2
-  return lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+def _conv(x, kernel, stride=1, padding=None):
+  pad = kernel.shape[0] // 2 if padding is None else padding
+  return lax.conv_general_dilated(x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-# Batches of 1 and 3 split unevenly (or not at all) over the thread pool's threads.
-@pytest.mark.parametrize('batch,height,width,cin,cout,size', [
-    (1, 5, 7, 4, 3, 3), (3, 6, 5, 8, 5, 3), (4, 9, 9, 16, 8, 1), (2, 6, 6, 3, 2, 5)])
-def test_values_and_gradients_equal_xla(use_onednn, batch, height, width, cin, cout, size):
+# Batches of 1 and 3 split unevenly (or not at all) over the thread pool's threads; the last two
+# are strided like the ImageNet stem (7x7/2, padding 3), one with an odd input size.
+@pytest.mark.parametrize('batch,height,width,cin,cout,size,stride,padding', [
+    (1, 5, 7, 4, 3, 3, 1, 1), (3, 6, 5, 8, 5, 3, 1, 1), (4, 9, 9, 16, 8, 1, 1, 0),
+    (2, 6, 6, 3, 2, 5, 1, 2), (2, 16, 16, 3, 8, 7, 2, 3), (3, 15, 13, 3, 4, 7, 2, 3)])
+def test_values_and_gradients_equal_xla(use_onednn, batch, height, width, cin, cout, size,
+                                        stride, padding):
   rng = np.random.default_rng(batch)
   x = jnp.asarray(rng.standard_normal((batch, height, width, cin)), jnp.float32)
   kernel = jnp.asarray(rng.standard_normal((size, size, cin, cout)), jnp.float32)
-  g = jnp.asarray(rng.standard_normal((batch, height, width, cout)), jnp.float32)
-  y = jax.jit(onednn.conv_forward)(x, kernel)
-  dx = jax.jit(onednn.conv_backward_data)(g, kernel)
-  dk = jax.jit(onednn.conv_backward_weights, static_argnums=2)(x, g, kernel.shape)
-  y_ref, pullback = jax.vjp(_conv, x, kernel)
+  y_ref, pullback = jax.vjp(lambda x, k: _conv(x, k, stride, padding), x, kernel)
+  g = jnp.asarray(rng.standard_normal(y_ref.shape), jnp.float32)
   dx_ref, dk_ref = pullback(g)
+  y = jax.jit(onednn.conv_forward, static_argnums=(2, 3))(x, kernel, stride, padding)
+  dx = jax.jit(onednn.conv_backward_data, static_argnums=(2, 3, 4))(
+      g, kernel, x.shape, stride, padding)
+  dk = jax.jit(onednn.conv_backward_weights, static_argnums=(2, 3, 4))(
+      x, g, kernel.shape, stride, padding)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-4)
+  # ops.conv: the same through its custom gradient, and oneDNN's in the program.
+  y2, pullback2 = jax.vjp(lambda x, k: ops.conv(x, k, stride, padding), x, kernel)
+  np.testing.assert_allclose(y2, y_ref, rtol=1e-5, atol=1e-5)
+  for ours, theirs in zip(pullback2(g), (dx_ref, dk_ref)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+  assert 'forward' in _custom_calls(lambda x, k: ops.conv(x, k, stride, padding), x, kernel)
 
 
 def _custom_calls(f, *args):

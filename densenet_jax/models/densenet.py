@@ -62,22 +62,31 @@ class Conv1x1(nn.Module):
     return ops.pointwise(x.astype(self.dtype), kernel.astype(self.dtype))
 
 
+class Conv(nn.Module):
+  """A bias-free square convolution with symmetric zero padding, through `ops.conv` (oneDNN's
+  on a CPU). Its kernel has `nn.Conv`'s name and shape [size, size, in, out], so checkpoints
+  are those of an `nn.Conv`."""
+
+  features: int
+  size: int
+  strides: int = 1
+  padding: int = 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param('kernel', conv_kernel_init,
+                        (self.size, self.size, x.shape[-1], self.features), jnp.float32)
+    return ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+
+
 def _conv(features: int, size: int, dtype: Dtype, name: str, strides: int = 1,
           padding: Optional[int] = None) -> nn.Module:
   """A bias-free convolution with PyTorch-style symmetric padding (size // 2 by default)."""
   if size == 1 and strides == 1:
     return Conv1x1(features, dtype=dtype, name=name)
   pad = size // 2 if padding is None else padding
-  return nn.Conv(
-      features,
-      (size, size),
-      strides=(strides, strides),
-      padding=((pad, pad), (pad, pad)),
-      use_bias=False,
-      kernel_init=conv_kernel_init,
-      dtype=dtype,
-      name=name,
-  )
+  return Conv(features, size, strides, pad, dtype=dtype, name=name)
 
 
 class DenseLayer(nn.Module):

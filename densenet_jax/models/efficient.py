@@ -38,15 +38,14 @@ Array = jax.Array
 
 
 def _normalize_relu_conv(pieces, mean, var, scale, bias, kernel, *, epsilon, padding, dtype):
-  """relu((concat(pieces) - mean) * scale / sqrt(var + eps) + bias) convolved with `kernel`."""
+  """relu((concat(pieces) - mean) * scale / sqrt(var + eps) + bias) convolved with `kernel`,
+  zero-padded by `padding` on every side."""
   x = jnp.concatenate([jnp.asarray(p, jnp.float32) for p in pieces], axis=-1)
   mul = scale * lax.rsqrt(var + epsilon)
   y = nn.relu((x - mean) * mul + bias).astype(dtype)
   if kernel.shape[:2] == (1, 1):
     return ops.pointwise(y, kernel.astype(dtype))
-  return lax.conv_general_dilated(
-      y, kernel.astype(dtype), (1, 1), padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return ops.conv(y, kernel.astype(dtype), 1, padding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -154,9 +153,8 @@ def concat_bn_relu_conv(features: Sequence[Array], *, out_features: int, kernel_
       norm((mean, var), momentum)
   else:
     mean, var = ra_mean, ra_var
-  pad = kernel_size // 2
   return _recomputed(tuple(features), mean, var, scale, bias, kernel,
-                     epsilon, ((pad, pad), (pad, pad)), dtype)
+                     epsilon, kernel_size // 2, dtype)
 
 
 def _batch_norm_relu(x, scale, bias, mean, var, train: bool, epsilon: float):
@@ -300,9 +298,7 @@ class _Stem:
 
 def _stem_forward(static: _Stem, images, kernel, scale, bias, mean, var):
   """7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max pool; returns it and the BN statistics."""
-  x = lax.conv_general_dilated(images.astype(static.dtype), kernel.astype(static.dtype),
-                               (2, 2), ((3, 3), (3, 3)),
-                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x = ops.conv(images.astype(static.dtype), kernel.astype(static.dtype), 2, 3)
   h, (mean, var) = _batch_norm_relu(x, scale, bias, mean, var, static.train, static.epsilon)
   return ops.max_pool(h.astype(static.dtype), 3, 2, 1), (mean, var)
 

@@ -4,8 +4,8 @@ Why: on a 2-core AVX-512 CPU, XLA's convolutions and their gradients ran well be
 machine's arithmetic rate (a 3x3 convolution of densenet121's first block, batch 8: 11.5 ms
 forward and 39 ms for both gradients, against 4.3, 4.5 and 4.5 ms through oneDNN, its kernels
 near the two cores' peak); PyTorch's CPU convolutions are oneDNN's too. `onednn_conv.cc` wraps
-oneDNN's forward, input-gradient and kernel-gradient convolutions for float32 NHWC activations
-and HWIO kernels, the layouts our models already use.
+oneDNN's forward, input-gradient and kernel-gradient convolutions (any stride, symmetric zero
+padding) for float32 NHWC activations and HWIO kernels, the layouts our models already use.
 
 The library is compiled on first use with the C++ compiler (`$CXX`, else `g++`) against the
 oneDNN headers and library that `pip install onednn-cpu-gomp onednn-devel-cpu-gomp` puts under
@@ -24,11 +24,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from typing import Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
 _TARGETS = {
@@ -146,28 +148,48 @@ def usable(*arrays) -> bool:
   return all(a.dtype == jnp.float32 for a in arrays) and available()
 
 
-def _call(name, result, *args, **kwargs):
-  return jax.ffi.ffi_call(f'densenet_onednn_conv_{name}', result, **kwargs)(*args)
+def _call(name, result, *args, input_output_aliases=None, **attrs):
+  return jax.ffi.ffi_call(f'densenet_onednn_conv_{name}', result,
+                          input_output_aliases=input_output_aliases)(*args, **attrs)
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'same' convolution: x [N, H, W, in], kernel [k, k, in, out], k odd."""
-  return _call('forward', jax.ShapeDtypeStruct(x.shape[:3] + kernel.shape[3:], x.dtype),
-               x, kernel)
+def _geometry(kernel_shape, stride, padding):
+  size = kernel_shape[0]
+  padding = size // 2 if padding is None else padding
+  return dict(stride=np.int64(stride), padding=np.int64(padding))
+
+
+def _out_size(size, kernel_size, stride, padding):
+  return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int = 1,
+                 padding: Optional[int] = None) -> jax.Array:
+  """Convolution of x [N, H, W, in] with kernel [k, k, in, out], k odd, zero-padded by
+  `padding` on every side (default k // 2: 'same' at stride 1)."""
+  attrs = _geometry(kernel.shape, stride, padding)
+  out = [_out_size(d, kernel.shape[0], stride, int(attrs['padding'])) for d in x.shape[1:3]]
+  return _call('forward', jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[3]), x.dtype),
+               x, kernel, **attrs)
 
 
 def conv_forward_accumulate(acc: jax.Array, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """acc + conv_forward(x, kernel), written into acc's buffer in the convolution's own pass."""
+  """acc + conv_forward(x, kernel) ('same', stride 1), written into acc's buffer in the
+  convolution's own pass."""
   return _call('forward_accumulate', jax.ShapeDtypeStruct(acc.shape, acc.dtype), x, kernel, acc,
                input_output_aliases={2: 0})
 
 
-def conv_backward_data(g: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Gradient of `conv_forward` with respect to x, for output gradient g."""
-  return _call('backward_data', jax.ShapeDtypeStruct(g.shape[:3] + kernel.shape[2:3], g.dtype),
-               g, kernel)
+def conv_backward_data(g: jax.Array, kernel: jax.Array, x_shape=None, stride: int = 1,
+                       padding: Optional[int] = None) -> jax.Array:
+  """Gradient of `conv_forward` with respect to x (of shape x_shape; g's at stride 1)."""
+  x_shape = g.shape[:3] + kernel.shape[2:3] if x_shape is None else tuple(x_shape)
+  return _call('backward_data', jax.ShapeDtypeStruct(x_shape, g.dtype), g, kernel,
+               **_geometry(kernel.shape, stride, padding))
 
 
-def conv_backward_weights(x: jax.Array, g: jax.Array, kernel_shape) -> jax.Array:
+def conv_backward_weights(x: jax.Array, g: jax.Array, kernel_shape, stride: int = 1,
+                          padding: Optional[int] = None) -> jax.Array:
   """Gradient of `conv_forward` with respect to the kernel, for output gradient g."""
-  return _call('backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype), x, g)
+  return _call('backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype), x, g,
+               **_geometry(kernel_shape, stride, padding))

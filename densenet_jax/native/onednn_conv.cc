@@ -1,4 +1,4 @@
-// Stride-1 'same' convolutions and their two gradients through oneDNN, as XLA FFI handlers.
+// Convolutions and their two gradients through oneDNN, as XLA FFI handlers.
 //
 // XLA:CPU runs convolutions with Eigen (or YNNPACK) and differentiates them as further
 // convolutions; PyTorch runs the same three operations through oneDNN's JIT kernels, which
@@ -43,8 +43,9 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 using Dt = memory::data_type;
 
-// (batch, height, width, in, out, kernel size).
-using Shape = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// (batch, input height, input width, in, out, kernel size, stride, padding on every side).
+using Shape =
+    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 dnnl::engine& Engine() {
   static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
@@ -57,13 +58,13 @@ struct Descs {
 };
 
 Descs MakeDescs(const Shape& s) {
-  auto [n, h, w, cin, cout, k] = s;
-  int64_t pad = k / 2;
+  auto [n, h, w, cin, cout, k, stride, pad] = s;
+  int64_t out_h = (h + 2 * pad - k) / stride + 1, out_w = (w + 2 * pad - k) / stride + 1;
   return Descs{memory::desc({n, cin, h, w}, Dt::f32, Tag::nhwc),
-               memory::desc({n, cout, h, w}, Dt::f32, Tag::nhwc),
+               memory::desc({n, cout, out_h, out_w}, Dt::f32, Tag::nhwc),
                memory::desc({cout, cin, k, k}, Dt::f32, Tag::hwio),
                memory::desc({cout, cin, k, k}, Dt::f32, Tag::any),
-               {1, 1},
+               {stride, stride},
                {pad, pad}};
 }
 
@@ -208,8 +209,10 @@ void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
   stream.wait();
 }
 
-Shape ShapeOf(ffi::Span<const int64_t> act, ffi::Span<const int64_t> kernel, int64_t batch) {
-  return Shape(batch, act[1], act[2], kernel[2], kernel[3], kernel[0]);
+// `src`: the convolution's input (or input gradient) dimensions.
+Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> kernel, int64_t batch,
+              int64_t stride, int64_t padding) {
+  return Shape(batch, src[1], src[2], kernel[2], kernel[3], kernel[0], stride, padding);
 }
 
 // Runs part(i, first, count) for parts of the batch [0, n) on the calling thread and on XLA's
@@ -262,13 +265,14 @@ ffi::Error Guard(const std::function<void()>& f) {
 int64_t ImageSize(ffi::Span<const int64_t> dims) { return dims[1] * dims[2] * dims[3]; }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y) {
+                       ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
+                       int64_t stride, int64_t padding) {
   ffi::Error err = CheckShapes(x.dimensions(), kernel.dimensions(), "onednn_conv_forward");
   if (err.failure()) return err;
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
-      Run(Kind::kForward, ShapeOf(x.dimensions(), kernel.dimensions(), count),
+      Run(Kind::kForward, ShapeOf(x.dimensions(), kernel.dimensions(), count, stride, padding),
           x.typed_data() + first * x_size, kernel.untyped_data(),
           y->typed_data() + first * y_size);
     });
@@ -288,7 +292,8 @@ ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
-      Run(Kind::kForwardAccumulate, ShapeOf(x.dimensions(), kernel.dimensions(), count),
+      Run(Kind::kForwardAccumulate,
+          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, kernel.dimensions()[0] / 2),
           x.typed_data() + first * x_size, kernel.untyped_data(),
           y->typed_data() + first * y_size);
     });
@@ -296,13 +301,15 @@ ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
-                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx) {
+                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
+                            int64_t stride, int64_t padding) {
   ffi::Error err = CheckShapes(g.dimensions(), kernel.dimensions(), "onednn_conv_backward_data");
   if (err.failure()) return err;
   int64_t g_size = ImageSize(g.dimensions()), dx_size = ImageSize(dx->dimensions());
   return Guard([&] {
     ForEachPart(pool, g.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
-      Run(Kind::kBackwardData, ShapeOf(g.dimensions(), kernel.dimensions(), count),
+      Run(Kind::kBackwardData,
+          ShapeOf(dx->dimensions(), kernel.dimensions(), count, stride, padding),
           dx->typed_data() + first * dx_size, kernel.untyped_data(),
           g.typed_data() + first * g_size);
     });
@@ -310,7 +317,8 @@ ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
 }
 
 ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dkernel) {
+                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dkernel,
+                               int64_t stride, int64_t padding) {
   ffi::Error err =
       CheckShapes(x.dimensions(), dkernel->dimensions(), "onednn_conv_backward_weights");
   if (err.failure()) return err;
@@ -326,7 +334,8 @@ ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         partial[i].resize(k_size);
         out = partial[i].data();
       }
-      Run(Kind::kBackwardWeights, ShapeOf(x.dimensions(), dkernel->dimensions(), count),
+      Run(Kind::kBackwardWeights,
+          ShapeOf(x.dimensions(), dkernel->dimensions(), count, stride, padding),
           x.typed_data() + first * x_size, out, g.typed_data() + first * g_size);
     });
     float* out = dkernel->typed_data();
@@ -343,7 +352,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForwardAccumulate, ForwardAccumulateImpl,
                               ffi::Ffi::Bind()
@@ -358,11 +369,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardData, BackwardDataImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardWeights, BackwardWeightsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
