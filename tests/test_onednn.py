@@ -152,3 +152,10 @@ def test_pointwise_accumulate_adds_in_place(use_onednn):
   for ours, theirs in zip(jax.grad(loss, (0, 1, 2))(acc, x, kernels[2]),
                           jax.grad(ref_loss, (0, 1, 2))(acc, x, kernels[2])):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+def test_bad_kernel_is_an_error_not_a_crash(use_onednn):
+  """The handler's own checks come back as an XLA error naming what it expected."""
+  x = jnp.ones((2, 4, 4, 3), jnp.float32)
+  with pytest.raises(Exception, match='square, odd-sized HWIO kernel'):
+    jax.block_until_ready(jax.jit(onednn.conv_forward)(x, jnp.ones((2, 2, 3, 4), jnp.float32)))

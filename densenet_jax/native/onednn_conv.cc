@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -233,6 +234,7 @@ void ForEachPart(ffi::ThreadPool& pool, int64_t n,
   struct Shared {
     std::atomic<int64_t> next{0};
     int64_t done = 0;
+    std::string error;  // the first part's failure, rethrown on the calling thread
     std::mutex mu;
     std::condition_variable cv;
   };
@@ -241,8 +243,14 @@ void ForEachPart(ffi::ThreadPool& pool, int64_t n,
   // returned finds none and touches nothing but `shared`.
   auto work = [shared, parts, run]() {
     for (int64_t i; (i = shared->next.fetch_add(1)) < parts;) {
-      run(i);
+      std::string error;
+      try {
+        run(i);
+      } catch (const std::exception& e) {  // an exception must not leave a pool thread
+        error = e.what();
+      }
       std::lock_guard<std::mutex> lock(shared->mu);
+      if (shared->error.empty()) shared->error = error;
       if (++shared->done == parts) shared->cv.notify_all();
     }
   };
@@ -250,12 +258,13 @@ void ForEachPart(ffi::ThreadPool& pool, int64_t n,
   work();
   std::unique_lock<std::mutex> lock(shared->mu);
   shared->cv.wait(lock, [&] { return shared->done == parts; });
+  if (!shared->error.empty()) throw std::runtime_error(shared->error);
 }
 
 ffi::Error Guard(const std::function<void()>& f) {
   try {
     f();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
   }
   return ffi::Error::Success();
@@ -345,16 +354,20 @@ ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
 }
 
+// The convolutions' handlers: two float32 arrays in, one out, the stride and the padding.
+auto ConvBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("padding");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForwardAccumulate, ForwardAccumulateImpl,
                               ffi::Ffi::Bind()
@@ -364,20 +377,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForwardAccumulate, ForwardAccumu
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardData, BackwardDataImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardData, BackwardDataImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardWeights, BackwardWeightsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+                              ConvBinding());
