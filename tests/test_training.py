@@ -20,6 +20,7 @@ from densenet_jax import input_pipeline
 from densenet_jax import optimization
 from densenet_jax import train_lib
 from densenet_jax import trainer
+from densenet_jax.native import onednn
 from densenet_jax.validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,10 +123,15 @@ def test_one_and_eight_devices_train_the_same(tmp_path):
                (one.params, one.batch_stats), (eight.params, eight.batch_stats))
 
 
-def test_cpu_steps_leave_convolutions_to_eigen():
+@pytest.mark.parametrize('use_onednn', [False, True], ids=['xla', 'onednn'])
+def test_cpu_steps_leave_convolutions_to_eigen(use_onednn):
   """On CPU the compiled steps keep dot products in YNNPACK fusions but no convolution: XLA's
   YNNPACK convolution runs on one core (see train_lib._CPU_COMPILER_OPTIONS). With XLA's
-  defaults, this model's 3x3 convolutions (12 maps or more) would go to YNNPACK."""
+  defaults, this model's 3x3 convolutions (12 maps or more) would go to YNNPACK. With oneDNN's
+  convolutions (densenet_jax/native) the program has no XLA convolution left at all."""
+  onednn.set_enabled(use_onednn)
+  if use_onednn and not onednn.available():
+    pytest.skip('no oneDNN here')
   config = tiny_config(**{'model.growth_rate': 12})
   model = trainer.build_model(config, input_pipeline.get_info(config.dataset).num_classes)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
@@ -136,14 +142,21 @@ def test_cpu_steps_leave_convolutions_to_eigen():
                                'mask': np.ones((4,), bool)}, mesh)
   p_train, p_eval = train_lib.compile_steps(model, tx, optax.constant_schedule(0.1), 0.0,
                                             shardings, mesh)
-  for step in (p_train, p_eval):
-    hlo = step.lower(state, batch).compile().as_text()
-    library_bodies = set(re.findall(r'fusion\(.*kind=kCustom, calls=%([\w.-]+)', hlo))
-    assert library_bodies, 'no YNNPACK fusion at all: the option may have been renamed'
-    computations = {m.group(1): m.group(2) for m in
-                    re.finditer(r'^%([\w.-]+) .*?\{\n(.*?)\n\}', hlo, re.M | re.S)}
-    assert ' convolution(' in hlo
-    assert not [c for c in library_bodies if ' convolution(' in computations[c]]
+  try:
+    for step in (p_train, p_eval):
+      hlo = step.lower(state, batch).compile().as_text()
+      library_bodies = set(re.findall(r'fusion\(.*kind=kCustom, calls=%([\w.-]+)', hlo))
+      assert library_bodies, 'no YNNPACK fusion at all: the option may have been renamed'
+      computations = {m.group(1): m.group(2) for m in
+                      re.finditer(r'^%([\w.-]+) .*?\{\n(.*?)\n\}', hlo, re.M | re.S)}
+      if use_onednn:
+        assert ' convolution(' not in hlo
+        assert 'custom_call_target="densenet_onednn_conv_forward' in hlo
+      else:
+        assert ' convolution(' in hlo
+        assert not [c for c in library_bodies if ' convolution(' in computations[c]]
+  finally:
+    onednn.set_enabled(True)
 
 
 def test_xla_flags_set_by_the_user_win(monkeypatch):
