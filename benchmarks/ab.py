@@ -17,9 +17,9 @@ memory and its median's ratio to the first variant's.
 A variant is a comma-separated list of FIELD=VALUE settings of `create_model` (DenseNet fields,
 and depth for CIFAR families), values as Python literals (True, 32, 0.5) or dtype names
 (bfloat16), plus `onednn=False` to trace the variant with XLA's own CPU convolutions instead of
-oneDNN's (densenet_jax/native/onednn.py); `--overrides` applies to every variant, and an empty variant is the model as
-`--model` and `--overrides` give it. Steps are the trainer's real jitted train step (SGD,
-BatchNorm updates), as in throughput.py. Like train.py, it restarts itself with the glibc
+oneDNN's (densenet_jax/native/onednn.py); `--overrides` applies to every variant, and an empty
+variant is the model as `--model` and `--overrides` give it. Steps are the trainer's real
+jitted train step (SGD, BatchNorm updates), as in throughput.py. Like train.py, it restarts itself with the glibc
 huge-page tunable (densenet_jax/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it off).
 """
 

@@ -62,9 +62,15 @@ def _pointwise_bwd(residuals, g):
                                 default=_pointwise_bwd_xla)
 
 
+def _onednn_gradients(x, kernel, g, stride=1, padding=None):
+  """(input gradient, kernel gradient) of a convolution of x, through oneDNN."""
+  return (onednn.conv_backward_data(g, kernel, x.shape, stride, padding),
+          onednn.conv_backward_weights(x, g, kernel.shape, stride, padding))
+
+
 def _pointwise_bwd_cpu(x, kernel, g):
   if x.ndim == 4 and onednn.usable(x, kernel, g):
-    return onednn.conv_backward_data(g, kernel), onednn.conv_backward_weights(x, g, kernel.shape)
+    return _onednn_gradients(x, kernel, g)
   return _pointwise_bwd_xla(x, kernel, g)
 
 
@@ -225,7 +231,7 @@ def _shifted(g, size):
 def _cpu_conv_same_bwd(x, kernel, g):
   """oneDNN's gradient convolutions where available, else written out for XLA:CPU."""
   if onednn.usable(x, kernel, g):
-    return onednn.conv_backward_data(g, kernel), onednn.conv_backward_weights(x, g, kernel.shape)
+    return _onednn_gradients(x, kernel, g)
   return _written_conv_same_bwd(x, kernel, g)
 
 
@@ -305,8 +311,7 @@ def _strided_conv_bwd_xla(x, kernel, g, stride, padding):
 
 def _strided_conv_bwd_cpu(x, kernel, g, stride, padding):
   if _onednn_kernel(kernel) and onednn.usable(x, kernel, g):
-    return (onednn.conv_backward_data(g, kernel, x.shape, stride, padding),
-            onednn.conv_backward_weights(x, g, kernel.shape, stride, padding))
+    return _onednn_gradients(x, kernel, g, stride, padding)
   return _strided_conv_bwd_xla(x, kernel, g, stride, padding)
 
 

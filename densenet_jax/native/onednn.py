@@ -40,8 +40,9 @@ _TARGETS = {
     'backward_weights': 'DensenetOnednnConvBackwardWeights',
 }
 _lock = threading.Lock()
+# `library` keeps the loaded library (and so its handlers) alive.
 _state = {'enabled': os.environ.get('DENSENET_JAX_ONEDNN', '1') != '0', 'loaded': None,
-          'reason': None}
+          'reason': None, 'library': None}
 
 
 def _onednn_root() -> pathlib.Path:
