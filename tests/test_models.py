@@ -1,5 +1,8 @@
 """The model family: the paper's parameter counts, shapes, validation, modes and dtypes."""
 
+import re
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,16 +132,36 @@ def test_scan_chunk_follows_the_layer_widths_unless_set():
   assert 'tensor<1x32x32x64xf32>' in program(scan_chunk=64)
 
 
-def test_scan_chunk_on_accelerators_is_one_chunk_or_128_channels():
+def test_scan_chunk_on_accelerators_is_one_chunk_or_a_fixed_workspace():
   """On a GPU or TPU a standard layer runs on its whole buffer in one chunk (as wide as the
-  widest input: DenseNet-BC-100's last block ends at 150 + 16 * 12 = 342 channels), and a
-  memory-efficient one reads 128 channels at a time; an explicit scan_chunk is kept."""
+  widest input: DenseNet-BC-100's last block ends at 150 + 16 * 12 = 342 channels). A
+  memory-efficient one reads 128 channels at a time in the first block and 4x as many in each
+  later block (a quarter of the positions), so every block's workspace is the same size. An
+  explicit scan_chunk is kept in every block."""
   bc100 = create_model('densenet_bc100_k12')
-  assert bc100.chunk_for('cpu') == 48
-  assert bc100.chunk_for('gpu') == bc100.chunk_for('tpu') == 342
-  assert create_model('densenet121').chunk_for('gpu') == 256 + 24 * 32
-  assert create_model('densenet121', memory_efficient=True).chunk_for('gpu') == 128
-  assert create_model('densenet121', scan_chunk=32).chunk_for('gpu') == 32
+  assert bc100.chunk_for('cpu') == bc100.chunk_for('cpu', 2) == 48
+  assert bc100.chunk_for('gpu') == bc100.chunk_for('tpu', 2) == 342
+  assert create_model('densenet121').chunk_for('gpu', 3) == 256 + 24 * 32
+  efficient = create_model('densenet121', memory_efficient=True)
+  assert [efficient.chunk_for('gpu', i) for i in range(4)] == [128, 512, 2048, 8192]
+  assert efficient.chunk_for('cpu', 3) == 64
+  assert create_model('densenet121', scan_chunk=32).chunk_for('gpu', 2) == 32
+
+  def chunk_slices(block, **overrides):
+    """The channel widths of `block`'s arrays in a memory-efficient GPU-platform trace (the
+    chunk is picked when the model is traced)."""
+    model = create_model('densenet_bc100_k12', memory_efficient=True, **overrides)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+      text = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+    size = 32 >> block
+    return set(re.findall(rf'tensor<2x{size}x{size}x(\d+)xf32>', text))
+  # Block 1 (32x32) reads 128-channel chunks; block 3 (8x8, widths up to 342) and the
+  # transition before it (300 channels, pooled to 8x8 first) read theirs whole.
+  assert '128' in chunk_slices(0)
+  assert '128' not in chunk_slices(2)
+  assert '128' in chunk_slices(2, scan_chunk=128)
 
 
 def test_initialisation():

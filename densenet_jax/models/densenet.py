@@ -264,36 +264,41 @@ class DenseNet(nn.Module):
 
   @property
   def chunk(self) -> int:
-    """Input channels per step of a scanned layer's first convolution on the default backend
-    (`chunk_for`)."""
+    """Input channels per step of a scanned layer's first convolution in the first dense block,
+    on the default backend (`chunk_for`)."""
     return self.chunk_for(jax.default_backend())
 
-  def chunk_for(self, platform: str) -> int:
-    """Input channels per step of a scanned layer's first convolution on `platform` ('cpu',
-    'gpu', 'tpu'): `scan_chunk` where set.
+  def chunk_for(self, platform: str, block: int = 0) -> int:
+    """Input channels per step of a scanned layer's first convolution in dense block `block`
+    (0-based) and the transition after it, on `platform` ('cpu', 'gpu', 'tpu'): `scan_chunk`
+    where set.
 
     A layer of input width w works on ceil(w / chunk) whole chunks, the channels past w masked
     to zero: its first convolution and BatchNorm do that padded work. Larger chunks mean fewer,
     larger matrix products.
 
-    On a CPU: 48 where that pads the dense layers' inputs at least 5% less than 64 does, else
-    64. On 2 CPU cores (interleaved in one process), DenseNet-BC-100 (k=12, batch 64), whose
-    layers' padded work is 1.22x their own with 64-channel chunks and 1.13x with 48, trained
-    5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6% slower with 48, 14%
-    slower with 32, 6% slower with 96.
+    On a CPU, in every block: 48 where that pads the dense layers' inputs at least 5% less than
+    64 does, else 64. On 2 CPU cores (interleaved in one process), DenseNet-BC-100 (k=12, batch
+    64), whose layers' padded work is 1.22x their own with 64-channel chunks and 1.13x with 48,
+    trained 5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6% slower with
+    48, 14% slower with 32, 6% slower with 96.
 
     Elsewhere each kernel launch costs more than padded arithmetic: one chunk as wide as the
-    widest input (every layer then runs on its whole buffer), or 128 channels in the
-    memory-efficient mode, whose backward workspace follows the chunk. On one H100
-    (DenseNet-BC-100, batch 64, interleaved in one process) the standard mode trained at 1793
-    img/s with one chunk, 1533 with 128 and 1309 with 48; the memory-efficient mode at 1349
-    img/s with 128 (210 MiB compiled temp) and 1108 with 48 (179 MiB).
+    widest input (every layer then runs on its whole buffer). The memory-efficient mode, whose
+    backward workspace follows the chunk, takes 128 channels in the first block and 4x as many
+    in each later one, whose maps have a quarter of the positions: the same workspace in every
+    block. On one H100 (batch 64, interleaved in one process) DenseNet-BC-100's standard mode
+    trained at 1793 img/s with one chunk, 1533 with 128 and 1309 with 48. Memory-efficient,
+    densenet121 trained at 1018 img/s with these chunks and at 721 with 128 in every block
+    (869 MiB compiled temp either way), 978 with 512 in every block (1106 MiB), against 1104
+    img/s (2024 MiB) for its standard mode; DenseNet-BC-100 at 1554 img/s with these chunks
+    and 1311 with 128 in every block (210 MiB either way), against 1608 (459 MiB) standard.
     """
     if self.scan_chunk is not None:
       return self.scan_chunk
     if platform != 'cpu':
       if self.memory_efficient:
-        return 128
+        return 128 * 4 ** block
       return max(c + n * self.growth_rate for c, n in zip(self.block_inputs, self.block_sizes))
     padded = {48: 0.0, 64: 0.0}
     for i, (channels, num_layers) in enumerate(zip(self.block_inputs, self.block_sizes)):
@@ -343,13 +348,14 @@ class DenseNet(nn.Module):
           dropout_rate=self.dropout_rate,
           memory_efficient=self.memory_efficient,
           scan_segments=self.scan_segments,
-          scan_chunk=self.chunk,
+          scan_chunk=self.chunk_for(jax.default_backend(), i),
           name=f'block{i + 1}',
           **common,
       )(x, train)
       if i + 1 < len(self.block_sizes):
         x = Transition(self.block_inputs[i + 1], self.dropout_rate,
-                       memory_efficient=self.memory_efficient, chunk=self.chunk,
+                       memory_efficient=self.memory_efficient,
+                       chunk=self.chunk_for(jax.default_backend(), i),
                        name=f'transition{i + 1}', **common)(x, train)
     x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
     x = jnp.mean(x, axis=(1, 2))
