@@ -278,17 +278,19 @@ class DenseNet(nn.Module):
     larger matrix products.
 
     On a CPU: 48 channels in the first block where that pads the dense layers' inputs at least
-    5% less than 64 does, else 64, and twice as many in each later block, whose maps have a
-    quarter of the positions (a deep block's layers are wide and its chunks' matrix products
-    small: densenet121's fourth block made about 1300 oneDNN calls of 60-220 GFLOP/s per step
-    with 64 channels everywhere, against about 400 at peak). On 2 CPU cores (interleaved in one
-    process, 10-12 rounds): densenet121 (batch 8) trained 6-7% faster with 64/128/256/512 than
-    with 64 in every block, 4% faster with 64/64/128/128 or 64/64/128/256; DenseNet-BC-100
-    (batch 64) about as fast with 48/96/192 as with 48 everywhere (0.4-0.6%), and 8% slower
-    with 64/128/256. With the same chunk in every block (before): BC-100, whose layers' padded
-    work is 1.22x their own with 64-channel chunks and 1.13x with 48, trained 5-9% faster with
-    48; densenet121 (k=32: 1.06x with either) trained 6% slower with 48, 14% slower with 32, 6%
-    slower with 96.
+    5% less than 64 does, else 64, and in the standard mode twice as many in each later block,
+    whose maps have a quarter of the positions (a deep block's layers are wide and its chunks'
+    matrix products small: densenet121's third and fourth blocks made about 1300 oneDNN calls
+    per step, at 60-220 GFLOP/s, with 64 channels everywhere, against about 400 at peak). On 2
+    CPU cores (interleaved in one process, 10-12 rounds): densenet121 (batch 8) trained 6-7%
+    faster with 64/128/256/512 than with 64 in every block, 4% faster with 64/64/128/128 or
+    64/64/128/256; DenseNet-BC-100 (batch 64) about as fast with 48/96/192 as with 48 everywhere
+    (0.4-0.6%), and 8% slower with 64/128/256. The memory-efficient mode keeps one chunk in
+    every block: doubled, its compiled memory grew 4 MiB for densenet264 (batch 8, to 0.504x the
+    standard mode's, from 0.498x) and 8 MiB for DenseNet-BC L=250. With the same chunk in every
+    block: BC-100, whose layers' padded work is 1.22x their own with 64-channel chunks and 1.13x
+    with 48, trained 5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6%
+    slower with 48, 14% slower with 32, 6% slower with 96.
 
     Elsewhere each kernel launch costs more than padded arithmetic: one chunk as wide as the
     widest input (every layer then runs on its whole buffer). The memory-efficient mode, whose
@@ -307,15 +309,16 @@ class DenseNet(nn.Module):
       if self.memory_efficient:
         return 128 * 4 ** block
       return max(c + n * self.growth_rate for c, n in zip(self.block_inputs, self.block_sizes))
+    growth = 1 if self.memory_efficient else 2
     padded = {48: 0.0, 64: 0.0}
     for i, (channels, num_layers) in enumerate(zip(self.block_inputs, self.block_sizes)):
       area = 0.25 ** i   # each transition halves height and width
       for j in range(num_layers):
         width = channels + j * self.growth_rate
         for first in padded:
-          chunk = first * 2 ** i
+          chunk = first * growth ** i
           padded[first] += area * -(-width // chunk) * chunk
-    return (48 if padded[48] <= 0.95 * padded[64] else 64) * 2 ** block
+    return (48 if padded[48] <= 0.95 * padded[64] else 64) * growth ** block
 
   @property
   def block_inputs(self) -> Tuple[int, ...]:
