@@ -135,6 +135,9 @@ def test_scan_chunk_follows_the_layer_widths_unless_set():
   # time, never 64 (the bottleneck's output is 48 wide either way).
   assert 'tensor<1x32x32x64xf32>' not in program()
   assert 'tensor<1x32x32x64xf32>' in program(scan_chunk=64)
+  # The third block (8x8) reads 4x as many, 192 channels at a time.
+  assert 'tensor<1x8x8x192xf32>' in program()
+  assert 'tensor<1x8x8x192xf32>' not in program(scan_chunk=48)
 
 
 def test_scan_chunk_on_accelerators_is_one_chunk_or_a_fixed_workspace():
