@@ -351,6 +351,7 @@ class DenseNet(nn.Module):
     else:
       x = _conv(self.stem_features, 3, self.dtype, name='stem_conv')(x)
     for i, num_layers in enumerate(self.block_sizes):
+      chunk = self.chunk_for(jax.default_backend(), i)   # the block's and its transition's
       x = DenseBlock(
           num_layers=num_layers,
           growth_rate=self.growth_rate,
@@ -359,14 +360,13 @@ class DenseNet(nn.Module):
           dropout_rate=self.dropout_rate,
           memory_efficient=self.memory_efficient,
           scan_segments=self.scan_segments,
-          scan_chunk=self.chunk_for(jax.default_backend(), i),
+          scan_chunk=chunk,
           name=f'block{i + 1}',
           **common,
       )(x, train)
       if i + 1 < len(self.block_sizes):
         x = Transition(self.block_inputs[i + 1], self.dropout_rate,
-                       memory_efficient=self.memory_efficient,
-                       chunk=self.chunk_for(jax.default_backend(), i),
+                       memory_efficient=self.memory_efficient, chunk=chunk,
                        name=f'transition{i + 1}', **common)(x, train)
     x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
     x = jnp.mean(x, axis=(1, 2))
