@@ -17,9 +17,11 @@ memory and its median's ratio to the first variant's.
 A variant is a comma-separated list of FIELD=VALUE settings of `create_model` (DenseNet fields,
 and depth for CIFAR families), values as Python literals (True, 32, 0.5) or dtype names
 (bfloat16), plus `onednn=False` to trace the variant with XLA's own CPU convolutions instead of
-oneDNN's (densenet_jax/native/onednn.py); `--overrides` applies to every variant, and an empty
-variant is the model as `--model` and `--overrides` give it. Steps are the trainer's real
-jitted train step (SGD, BatchNorm updates), as in throughput.py. Like train.py, it restarts itself with the glibc
+oneDNN's (densenet_jax/native/onednn.py), or `fused=False` to keep oneDNN's convolutions but run
+the scanned layers' first BN-ReLU-Conv1x1 in chunks instead of the fused call (bottleneck.cc);
+`--overrides` applies to every variant, and an empty variant is the model as `--model` and
+`--overrides` give it. Steps are the trainer's real jitted train step (SGD, BatchNorm updates),
+as in throughput.py. Like train.py, it restarts itself with the glibc
 huge-page tunable (densenet_jax/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it off).
 """
 
@@ -74,11 +76,13 @@ def main(argv):
   names = [v.strip() for v in _VARIANTS.value.split(';')]
   settings = [{**base, **parse_settings(v)} for v in names]
   use_onednn = [s.pop('onednn', True) for s in settings]
+  use_fused = [s.pop('fused', True) for s in settings]
   # Every variant is built (and so validated) before anything compiles.
   models = [create_model(_MODEL.value, **s) for s in settings]
   runs = []
-  for name, model, flag in zip(names, models, use_onednn):
+  for name, model, flag, fused in zip(names, models, use_onednn, use_fused):
     onednn.set_enabled(flag)   # read when the step is traced
+    onednn.set_bottleneck_enabled(fused)
     compiled, state, data, compile_s, temp_mib = compiled_train_step(model, _BATCH.value)
     runs.append(dict(variant=name or '(as named)', compiled=compiled, state=state, data=data,
                      compile_s=compile_s, temp_mib=temp_mib, times=[]))

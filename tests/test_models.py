@@ -130,7 +130,12 @@ def test_scan_chunk_follows_the_layer_widths_unless_set():
     model = create_model('densenet_bc100_k12', **overrides)
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    return jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+    previous = onednn._state['enabled']
+    onednn.set_enabled(False)   # with oneDNN, bottleneck layers read their exact width instead
+    try:
+      return jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+    finally:
+      onednn.set_enabled(previous)
   # The choice reaches the scanned layers: they slice the first block's buffer 48 channels at a
   # time, never 64 (the bottleneck's output is 48 wide either way).
   assert 'tensor<1x32x32x64xf32>' not in program()
@@ -397,20 +402,20 @@ def test_memory_efficient_halves_compiled_train_memory():
 @pytest.mark.parametrize('use_onednn', [False, True], ids=['xla', 'onednn'])
 def test_memory_efficient_stem_keeps_no_activation(use_onednn):
   """The recomputed ImageNet stem must survive compilation: in a model whose stem dominates,
-  the memory-efficient train step needs much less memory. With XLA's convolutions 0.74x here,
-  0.96x with the stem stored (as the standard mode stores it); with oneDNN's, whose gradients
-  need less workspace in the standard mode, 0.88x, and 0.94x with the stem stored."""
+  the memory-efficient train step needs much less memory. With XLA's convolutions 0.57x here,
+  0.94x with the stem stored (as the standard mode stores it); with oneDNN's, 0.75x, and 0.93x
+  with the stem stored."""
   onednn.set_enabled(use_onednn)
   if use_onednn and not onednn.available():
     pytest.skip('no oneDNN here')
 
   def temp_bytes(memory_efficient):
-    model = create_model('densenet121', block_sizes=(2, 2), growth_rate=4, num_init_features=16,
+    model = create_model('densenet121', block_sizes=(2, 2), growth_rate=8, num_init_features=16,
                          num_classes=10, memory_efficient=memory_efficient)
     compiled = _lowered_train_gradient(model, (16, 64, 64, 3)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   try:
-    assert temp_bytes(True) < (0.91 if use_onednn else 0.85) * temp_bytes(False)
+    assert temp_bytes(True) < 0.85 * temp_bytes(False)
   finally:
     onednn.set_enabled(True)

@@ -159,3 +159,68 @@ def test_bad_kernel_is_an_error_not_a_crash(use_onednn):
   x = jnp.ones((2, 4, 4, 3), jnp.float32)
   with pytest.raises(Exception, match='square, odd-sized HWIO kernel'):
     jax.block_until_ready(jax.jit(onednn.conv_forward)(x, jnp.ones((2, 2, 3, 4), jnp.float32)))
+
+
+def _bottleneck_reference(x, a, b, kernels, width, offset):
+  h = jax.nn.relu(x[..., :width] * a[:width] + b[:width])
+  return jnp.einsum('nhwc,co->nhwo', h, kernels[0, 0, offset:offset + width])
+
+
+# Rows (3 * 5 * 7) split unevenly over the thread pool; widths from one channel to the whole
+# buffer, kernels starting inside the flat array or at its start.
+@pytest.mark.parametrize('width,offset', [(24, 10), (40, 60), (1, 0)])
+def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offset):
+  """bottleneck.cc: a scanned layer's BN-ReLU-Conv1x1 on the first `width` channels of its
+  buffer, with traced width and offset, and its gradients, added in place to the ones given."""
+  rng = np.random.default_rng(width)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  x, a, b, kernels = normal(3, 5, 7, 40), normal(40), normal(40), normal(1, 1, 100, 16)
+  forward = jax.jit(onednn.bottleneck_forward)
+  y = forward(x, a, b, kernels, width, offset)
+  y_ref, pullback = jax.vjp(
+      lambda x, a, b, k: _bottleneck_reference(x, a, b, k, width, offset), x, a, b, kernels)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  dy, dx0, dk0 = normal(*y.shape), normal(*x.shape), normal(*kernels.shape)
+  dx, dk, da, db = jax.jit(onednn.bottleneck_backward)(x, a, b, kernels, width, offset, dy,
+                                                       dx0, dk0)
+  dx_ref, da_ref, db_ref, dk_ref = pullback(dy)
+  np.testing.assert_allclose(dx, dx0 + dx_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dk, dk0 + dk_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(da, da_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(db, db_ref, rtol=1e-5, atol=1e-4)
+  # Channels past `width` and kernel rows outside the layer's are left as they were.
+  np.testing.assert_array_equal(dx[..., width:], dx0[..., width:])
+  np.testing.assert_array_equal(dk[:, :, :offset], dk0[:, :, :offset])
+  np.testing.assert_array_equal(da[width:], 0)
+
+
+def test_bottleneck_width_outside_the_buffer_is_an_error(use_onednn):
+  x, ab, kernels = jnp.ones((2, 4, 4, 8)), jnp.ones(8), jnp.ones((1, 1, 20, 4))
+  with pytest.raises(Exception, match=r'width 9 outside \[1, 8\]'):
+    jax.block_until_ready(jax.jit(onednn.bottleneck_forward)(x, ab, ab, kernels, 9, 0))
+  with pytest.raises(Exception, match=r'kernel rows \[15, 23\) outside'):
+    jax.block_until_ready(jax.jit(onednn.bottleneck_forward)(x, ab, ab, kernels, 8, 15))
+
+
+def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn):
+  """A scanned DenseNet-BC's train step runs each layer's first BN-ReLU-Conv1x1 through
+  bottleneck.cc (forward and backward), and without oneDNN through XLA's chunks; the models'
+  equality tests (tests/test_models.py) check its values against the unrolled layers'."""
+  from densenet_jax.models import create_model   # pylint: disable=g-import-not-at-top
+  model = create_model('densenet_bc', depth=16, growth_rate=4, num_classes=3)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+  def text():
+    def loss(params, batch_stats, x):
+      logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                              mutable=['batch_stats'])
+      return jnp.sum(logits)
+    return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
+                                         x).as_text()
+
+  program = text()
+  assert 'densenet_onednn_bottleneck_forward' in program
+  assert 'densenet_onednn_bottleneck_backward' in program
+  onednn.set_enabled(False)
+  assert 'densenet_onednn_bottleneck' not in text()

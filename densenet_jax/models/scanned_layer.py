@@ -1,14 +1,21 @@
 """One dense layer of a scanned block (scanned.py), forward and backward, on the block's buffer.
 
 A layer reads the first `in_width` channels of its segment's pre-allocated buffer and returns
-its k new maps. Its first BN-ReLU-Conv reads the buffer in chunks of `Static.chunk` channels, as
-many as its own input fills, so its work follows its own width rather than the buffer's, and
-its backward pass (`first_bwd`, written out chunk by chunk) needs workspace for one chunk. The
-segment's scans in scanned.py call these once per layer; the padded BatchNorm parameters and the
-flat kernel layout they index are described there.
+its k new maps. `in_width` is traced (the scan's layer index sets it), so XLA cannot slice
+exactly that many channels. On a CPU with oneDNN, a bottleneck layer's first BN-ReLU-Conv1x1 is
+one fused call that takes `in_width` as an operand (densenet_jax/native/bottleneck.cc): it reads
+exactly the layer's channels and does the BatchNorm-ReLU, the matrix product and, backward, the
+gradients' elementwise work and reductions on blocks of rows held in cache. Elsewhere (GPUs,
+TPUs, bfloat16, layers without bottleneck, no oneDNN) the layer reads the buffer in chunks of
+`Static.chunk` channels, as many as its own input fills, so its work follows its own width
+rather than the buffer's (up to the last chunk's padding), and its backward pass (`first_bwd`,
+written out chunk by chunk) needs workspace for one chunk. The segment's scans in scanned.py
+call these once per layer; the padded BatchNorm parameters and the flat kernel layout they index
+are described there.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -16,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from densenet_jax.models import ops
+from densenet_jax.native import onednn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,18 +121,52 @@ def first(static: Static, buf, mean, meansq, p, kernels, j, in_width):
   """BN-ReLU-Conv1x1 of bottleneck layer j (BN-ReLU-Conv3x3 without bottleneck) on the layer's
   `in_width` input channels, the buffer's first ones; returns (output, BN statistics).
 
-  The input is read in chunks of `static.chunk` channels, as many as hold `in_width`, so a layer
-  does the work of its own width rather than of the padded segment's, and the backward pass
-  (`first_bwd`) needs workspace for one chunk, not for the whole buffer. `p` holds one layer's
+  The input is read by oneDNN's fused call, or else in chunks of `static.chunk` channels, as
+  many as hold `in_width` (see the module's docstring), so a layer does the work of its own
+  width rather than of the padded segment's, and the backward pass (`first_bwd`) needs
+  workspace for one chunk at most, not for the whole buffer. `p` holds one layer's
   BatchNorm parameters padded to the buffer width and its dropout key, `kernels` the segment's
   flat kernel; `mean`/`meansq` are the buffer's per-channel batch statistics (used in training;
   running averages in `p` otherwise).
   """
-  if static.train:
-    mean1, var1 = mean, jnp.maximum(0.0, meansq - lax.square(mean))
-  else:
-    mean1, var1 = p['mean1'], p['var1']
+  mean1, var1 = _statistics1(static, mean, meansq, p)
+  y = lax.platform_dependent(
+      buf, mean, meansq, p, kernels, j, in_width,
+      cpu=functools.partial(_first_cpu, static), default=functools.partial(_first_chunks, static))
+  if static.dropout_rate > 0 and static.train:
+    y = _dropout(y, static.dropout_rate, _keys(static, p['key'])[0])
+  return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
 
+
+def _statistics1(static: Static, mean, meansq, p):
+  """Mean and variance that the first BatchNorm normalises with: the buffer's batch statistics
+  in training, the running averages otherwise."""
+  if static.train:
+    return mean, jnp.maximum(0.0, meansq - lax.square(mean))
+  return p['mean1'], p['var1']
+
+
+def _fused(static: Static, buf) -> bool:
+  """Whether the layer's first BN-ReLU-Conv1x1 can be oneDNN's fused call (bottleneck.cc): a
+  1x1 convolution, float32, on a CPU with oneDNN built."""
+  return static.bottleneck and onednn.bottleneck_usable(buf)
+
+
+def _norm_factors(static: Static, mean1, var1, scale, bias):
+  """(a, b) with BatchNorm-ReLU = relu(x * a + b): the fused call's per-channel factors."""
+  mul = scale * lax.rsqrt(var1 + static.epsilon)
+  return mul, bias - mean1 * mul
+
+
+def _first_cpu(static: Static, buf, mean, meansq, p, kernels, j, in_width):
+  if not _fused(static, buf):
+    return _first_chunks(static, buf, mean, meansq, p, kernels, j, in_width)
+  a, b = _norm_factors(static, *_statistics1(static, mean, meansq, p), p['scale1'], p['bias1'])
+  return onednn.bottleneck_forward(buf, a, b, kernels, in_width, kernel_offset(static, j))
+
+
+def _first_chunks(static: Static, buf, mean, meansq, p, kernels, j, in_width):
+  """The layer's first BN-ReLU-Conv, chunk by chunk (see `first`), before dropout."""
   width = buf.shape[-1]
 
   def body(c, y):
@@ -136,14 +178,11 @@ def first(static: Static, buf, mean, meansq, p, kernels, j, in_width):
   first_chunk = lambda x: _chunk(static, x, 0, width)
   y = _first_chunk(static, first_chunk(buf), first_chunk(mean), first_chunk(meansq),
                    _chunk_params(static, p, kernels, j, 0, in_width))
-  y = lax.fori_loop(1, ops.num_chunks(in_width, static.chunk), body, y)
-  if static.dropout_rate > 0 and static.train:
-    y = _dropout(y, static.dropout_rate, _keys(static, p['key'])[0])
-  return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
+  return lax.fori_loop(1, ops.num_chunks(in_width, static.chunk), body, y)
 
 
 def first_bwd(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
-  """Gradients of `first` for output gradient `d_y`, chunk by chunk. `carry` holds the reverse
+  """Gradients of `first` for output gradient `d_y` (fused or chunk by chunk). `carry` holds the reverse
   scan's gradients of the buffer, its statistics and the flat kernel, (d_buf, d_mean, d_meansq,
   d_kernels); this layer's parts are added to them, and they are returned with the gradients of
   the first BatchNorm's scale and bias."""
@@ -152,7 +191,32 @@ def first_bwd(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, c
                      jnp.zeros(d_y.shape, jnp.float32))
     d_y = vjp(d_y.astype(jnp.float32))[0]
   d_y = d_y.astype(jnp.float32)
+  return lax.platform_dependent(
+      buf, mean, meansq, p, kernels, j, in_width, d_y, tuple(carry),
+      cpu=functools.partial(_first_bwd_cpu, static),
+      default=functools.partial(_first_bwd_chunks, static))
 
+
+def _first_bwd_cpu(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
+  """`first_bwd` through oneDNN's fused call: the per-channel factors' gradients it returns
+  are taken back to the statistics, scale and bias by autodiff of `_norm_factors`."""
+  if not _fused(static, buf):
+    return _first_bwd_chunks(static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry)
+  d_buf, d_mean, d_meansq, d_kernels = carry
+
+  def factors(mean, meansq, scale, bias):
+    return _norm_factors(static, *_statistics1(static, mean, meansq, p), scale, bias)
+
+  (a, b), vjp = jax.vjp(factors, mean, meansq, p['scale1'], p['bias1'])
+  d_buf, d_kernels, d_a, d_b = onednn.bottleneck_backward(
+      buf, a, b, kernels, in_width, kernel_offset(static, j), d_y, d_buf, d_kernels)
+  dm, dmsq, d_scale, d_bias = vjp((d_a, d_b))
+  return ((d_buf, d_mean + dm, d_meansq + dmsq, d_kernels),
+          {'scale1': d_scale, 'bias1': d_bias})
+
+
+def _first_bwd_chunks(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
+  """`first_bwd` chunk by chunk, after dropout's gradient."""
   width = buf.shape[-1]
 
   def body(c, carry):

@@ -6,12 +6,14 @@ forward and 39 ms for both gradients, against 4.3, 4.5 and 4.5 ms through oneDNN
 near the two cores' peak); PyTorch's CPU convolutions are oneDNN's too. `onednn_conv.cc` wraps
 oneDNN's forward, input-gradient and kernel-gradient convolutions (any stride, symmetric zero
 padding) for float32 NHWC activations and HWIO kernels, the layouts our models already use.
+`bottleneck.cc` fuses a scanned dense layer's first BatchNorm-ReLU into its 1x1 convolution
+over exactly the channels the layer reads (see there and densenet_jax/models/scanned_layer.py).
 
-The library is compiled on first use with the C++ compiler (`$CXX`, else `g++`) against the
-oneDNN headers and library that `pip install onednn-cpu-gomp onednn-devel-cpu-gomp` puts under
-`sys.prefix` (or under `$DENSENET_JAX_ONEDNN_ROOT`), and cached under
-`$DENSENET_JAX_CACHE` (default `~/.cache/densenet_jax`), keyed by the source, jaxlib's version
-and the oneDNN found. Where any of that is missing, or on a GPU or TPU, `available()` is False,
+The library (both files, with `parts.h`) is compiled on first use with the C++ compiler
+(`$CXX`, else `g++`) against the oneDNN headers and library that `pip install onednn-cpu-gomp
+onednn-devel-cpu-gomp` puts under `sys.prefix` (or under `$DENSENET_JAX_ONEDNN_ROOT`), and
+cached under `$DENSENET_JAX_CACHE` (default `~/.cache/densenet_jax`), keyed by the sources,
+jaxlib's version and the oneDNN found. Where any of that is missing, or on a GPU or TPU, `available()` is False,
 the reason is logged once, and the models use XLA's own convolutions: the values agree to
 float32 rounding (tests/test_onednn.py). `DENSENET_JAX_ONEDNN=0` turns it off.
 """
@@ -32,17 +34,21 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-_SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = [_HERE / 'onednn_conv.cc', _HERE / 'bottleneck.cc']
+_HEADERS = [_HERE / 'parts.h']
 _TARGETS = {
-    'forward': 'DensenetOnednnConvForward',
-    'forward_accumulate': 'DensenetOnednnConvForwardAccumulate',
-    'backward_data': 'DensenetOnednnConvBackwardData',
-    'backward_weights': 'DensenetOnednnConvBackwardWeights',
+    'conv_forward': 'DensenetOnednnConvForward',
+    'conv_forward_accumulate': 'DensenetOnednnConvForwardAccumulate',
+    'conv_backward_data': 'DensenetOnednnConvBackwardData',
+    'conv_backward_weights': 'DensenetOnednnConvBackwardWeights',
+    'bottleneck_forward': 'DensenetBottleneckForward',
+    'bottleneck_backward': 'DensenetBottleneckBackward',
 }
 _lock = threading.Lock()
 # `library` keeps the loaded library (and so its handlers) alive.
 _state = {'enabled': os.environ.get('DENSENET_JAX_ONEDNN', '1') != '0', 'loaded': None,
-          'reason': None, 'library': None}
+          'reason': None, 'library': None, 'bottleneck': True}
 
 
 def _onednn_root() -> pathlib.Path:
@@ -70,7 +76,7 @@ def build() -> pathlib.Path:
   """
   root = _onednn_root()
   compiler = os.environ.get('CXX', 'g++')
-  source = _SOURCE.read_bytes()
+  source = b''.join(path.read_bytes() for path in _SOURCES + _HEADERS)
   digest = hashlib.sha256(
       source + jaxlib.__version__.encode() + str(root.resolve()).encode() +
       compiler.encode()).hexdigest()[:16]
@@ -81,8 +87,8 @@ def build() -> pathlib.Path:
   # Compile to a private name and rename, so concurrent processes never load a partial file.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
-  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
-             f'-I{jax.ffi.include_dir()}', f'-I{root / "include"}', str(_SOURCE), '-o', tmp,
+  command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
+             f'-I{jax.ffi.include_dir()}', f'-I{root / "include"}', *map(str, _SOURCES), '-o', tmp,
              f'-L{root / "lib"}', '-ldnnl', f'-Wl,-rpath,{root / "lib"}']
   try:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -91,7 +97,7 @@ def build() -> pathlib.Path:
     raise FileNotFoundError(f'no C++ compiler {compiler!r} (set CXX)') from e
   if result.returncode != 0:
     os.unlink(tmp)
-    raise RuntimeError(f'compiling {_SOURCE.name} failed:\n{" ".join(command)}\n'
+    raise RuntimeError(f'compiling {", ".join(p.name for p in _SOURCES)} failed:\n{" ".join(command)}\n'
                        f'{result.stderr[-4000:]}')
   os.replace(tmp, out)
   return out
@@ -101,7 +107,7 @@ def _load():
   path = build()
   library = ctypes.cdll.LoadLibrary(str(path))
   for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(f'densenet_onednn_conv_{name}',
+    jax.ffi.register_ffi_target(f'densenet_onednn_{name}',
                                 jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
   return library
 
@@ -144,13 +150,26 @@ def set_enabled(enabled: bool) -> None:
   _state['enabled'] = bool(enabled)
 
 
+def set_bottleneck_enabled(enabled: bool) -> None:
+  """Turns the fused bottleneck calls (bottleneck.cc) on or off, the convolutions staying
+  oneDNN's, for steps traced from now on: A/B measurements of the fusion (benchmarks/ab.py)."""
+  if bool(enabled) != _state['bottleneck']:
+    jax.clear_caches()   # as in set_enabled
+  _state['bottleneck'] = bool(enabled)
+
+
+def bottleneck_usable(*arrays) -> bool:
+  """Whether a scanned layer's first BN-ReLU-Conv1x1 on these arrays should be fused."""
+  return _state['bottleneck'] and usable(*arrays)
+
+
 def usable(*arrays) -> bool:
   """Whether a convolution of these float32 arrays should go through oneDNN."""
   return all(a.dtype == jnp.float32 for a in arrays) and available()
 
 
 def _call(name, result, *args, input_output_aliases=None, **attrs):
-  return jax.ffi.ffi_call(f'densenet_onednn_conv_{name}', result,
+  return jax.ffi.ffi_call(f'densenet_onednn_{name}', result,
                           input_output_aliases=input_output_aliases)(*args, **attrs)
 
 
@@ -170,27 +189,63 @@ def conv_forward(x: jax.Array, kernel: jax.Array, stride: int = 1,
   `padding` on every side (default k // 2: 'same' at stride 1)."""
   attrs = _geometry(kernel.shape, stride, padding)
   out = [_out_size(d, kernel.shape[0], stride, int(attrs['padding'])) for d in x.shape[1:3]]
-  return _call('forward', jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[3]), x.dtype),
-               x, kernel, **attrs)
+  return _call('conv_forward',
+               jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[3]), x.dtype), x, kernel,
+               **attrs)
 
 
 def conv_forward_accumulate(acc: jax.Array, x: jax.Array, kernel: jax.Array) -> jax.Array:
   """acc + conv_forward(x, kernel) ('same', stride 1), written into acc's buffer in the
   convolution's own pass."""
-  return _call('forward_accumulate', jax.ShapeDtypeStruct(acc.shape, acc.dtype), x, kernel, acc,
-               input_output_aliases={2: 0})
+  return _call('conv_forward_accumulate', jax.ShapeDtypeStruct(acc.shape, acc.dtype), x,
+               kernel, acc, input_output_aliases={2: 0})
 
 
 def conv_backward_data(g: jax.Array, kernel: jax.Array, x_shape=None, stride: int = 1,
                        padding: Optional[int] = None) -> jax.Array:
   """Gradient of `conv_forward` with respect to x (of shape x_shape; g's at stride 1)."""
   x_shape = g.shape[:3] + kernel.shape[2:3] if x_shape is None else tuple(x_shape)
-  return _call('backward_data', jax.ShapeDtypeStruct(x_shape, g.dtype), g, kernel,
+  return _call('conv_backward_data', jax.ShapeDtypeStruct(x_shape, g.dtype), g, kernel,
                **_geometry(kernel.shape, stride, padding))
 
 
 def conv_backward_weights(x: jax.Array, g: jax.Array, kernel_shape, stride: int = 1,
                           padding: Optional[int] = None) -> jax.Array:
   """Gradient of `conv_forward` with respect to the kernel, for output gradient g."""
-  return _call('backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype), x, g,
-               **_geometry(kernel_shape, stride, padding))
+  return _call('conv_backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
+               x, g, **_geometry(kernel_shape, stride, padding))
+
+
+def _scalar(v):
+  return jnp.asarray(v, jnp.int32).reshape(())
+
+
+def bottleneck_forward(x: jax.Array, a: jax.Array, b: jax.Array, kernels: jax.Array, width,
+                       offset) -> jax.Array:
+  """relu(x[..., :width] * a[:width] + b[:width]) convolved with the 1x1 kernel
+  kernels[:, :, offset:offset + width] (bottleneck.cc).
+
+  Args:
+    x: a block's feature buffer [N, H, W, C], float32.
+    a, b: [C] per-channel BatchNorm factors (BatchNorm-ReLU is relu(x * a + b)).
+    kernels: [1, 1, rows, out], a block's first-convolution kernels laid end to end.
+    width, offset: int32 scalars, traced or not: how many channels the layer reads, and the
+      row of `kernels` where its kernel starts.
+
+  Returns:
+    [N, H, W, out].
+  """
+  out = jax.ShapeDtypeStruct(x.shape[:3] + kernels.shape[3:], jnp.float32)
+  return _call('bottleneck_forward', out, x, a, b, kernels, _scalar(width), _scalar(offset))
+
+
+def bottleneck_backward(x, a, b, kernels, width, offset, dy, dx, dkernels):
+  """Gradients of `bottleneck_forward` for output gradient dy: returns (dx + the gradient of x,
+  dkernels + the gradient of kernels, gradient of a, gradient of b). dx and dkernels are
+  updated in place where XLA can give their buffers to the call (a reverse scan's carries)."""
+  results = (jax.ShapeDtypeStruct(dx.shape, jnp.float32),
+             jax.ShapeDtypeStruct(dkernels.shape, jnp.float32),
+             jax.ShapeDtypeStruct(a.shape, jnp.float32),
+             jax.ShapeDtypeStruct(b.shape, jnp.float32))
+  return _call('bottleneck_backward', results, x, a, b, kernels, _scalar(width),
+               _scalar(offset), dy, dx, dkernels, input_output_aliases={7: 0, 8: 1})
