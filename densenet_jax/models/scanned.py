@@ -18,7 +18,10 @@ checkpoints move freely between the two.
 A layer's first BN-ReLU-Conv reads the buffer in *chunks* of `chunk` channels, in a loop over as
 many chunks as the layer's own input fills (scanned_layer.py, which holds one layer's forward
 and backward pass). Its work therefore follows its own width, not the buffer's, and its
-backward pass needs workspace for one chunk, not for the whole buffer.
+backward pass needs workspace for one chunk, not for the whole buffer. On a CPU with oneDNN,
+bottleneck layers skip the chunks: one fused call reads exactly the layer's width
+(scanned_layer.py, densenet_jax/native/bottleneck.cc); interleaved on 2 CPU cores it made
+densenet121's standard train step (batch 8) 22% shorter and DenseNet-BC-100's (batch 64) 28%.
 Before chunks, every layer ran on the whole padded buffer: that wasted about half the first
 convolution's work (less with segments, below), and the backward pass held about six buffer-wide
 arrays at once, which was most of the compiled memory. On 2 CPU cores, chunks of 64 channels made

@@ -182,10 +182,10 @@ def _first_chunks(static: Static, buf, mean, meansq, p, kernels, j, in_width):
 
 
 def first_bwd(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
-  """Gradients of `first` for output gradient `d_y` (fused or chunk by chunk). `carry` holds the reverse
-  scan's gradients of the buffer, its statistics and the flat kernel, (d_buf, d_mean, d_meansq,
-  d_kernels); this layer's parts are added to them, and they are returned with the gradients of
-  the first BatchNorm's scale and bias."""
+  """Gradients of `first` for output gradient `d_y` (fused, or chunk by chunk). `carry` holds
+  the reverse scan's gradients of the buffer, its statistics and the flat kernel, (d_buf,
+  d_mean, d_meansq, d_kernels); this layer's parts are added to them, and they are returned with
+  the gradients of the first BatchNorm's scale and bias."""
   if static.dropout_rate > 0 and static.train:
     _, vjp = jax.vjp(lambda y: _dropout(y, static.dropout_rate, _keys(static, p['key'])[0]),
                      jnp.zeros(d_y.shape, jnp.float32))

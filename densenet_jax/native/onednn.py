@@ -13,9 +13,9 @@ The library (both files, with `parts.h`) is compiled on first use with the C++ c
 (`$CXX`, else `g++`) against the oneDNN headers and library that `pip install onednn-cpu-gomp
 onednn-devel-cpu-gomp` puts under `sys.prefix` (or under `$DENSENET_JAX_ONEDNN_ROOT`), and
 cached under `$DENSENET_JAX_CACHE` (default `~/.cache/densenet_jax`), keyed by the sources,
-jaxlib's version and the oneDNN found. Where any of that is missing, or on a GPU or TPU, `available()` is False,
-the reason is logged once, and the models use XLA's own convolutions: the values agree to
-float32 rounding (tests/test_onednn.py). `DENSENET_JAX_ONEDNN=0` turns it off.
+jaxlib's version and the oneDNN found. Where any of that is missing, or on a GPU or TPU,
+`available()` is False, the reason is logged once, and the models use XLA's own convolutions:
+the values agree to float32 rounding (tests/test_onednn.py). `DENSENET_JAX_ONEDNN=0` turns it off.
 """
 
 import ctypes
@@ -97,7 +97,8 @@ def build() -> pathlib.Path:
     raise FileNotFoundError(f'no C++ compiler {compiler!r} (set CXX)') from e
   if result.returncode != 0:
     os.unlink(tmp)
-    raise RuntimeError(f'compiling {", ".join(p.name for p in _SOURCES)} failed:\n{" ".join(command)}\n'
+    names = ', '.join(path.name for path in _SOURCES)
+    raise RuntimeError(f'compiling {names} failed:\n{" ".join(command)}\n'
                        f'{result.stderr[-4000:]}')
   os.replace(tmp, out)
   return out
