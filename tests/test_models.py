@@ -269,6 +269,25 @@ def test_implementations_equal_standard(bottleneck, implementation):
   _assert_trains_as(other, standard, jax.random.normal(jax.random.key(1), (4, 16, 16, 3)))
 
 
+@pytest.mark.parametrize('implementation', [(False, 1), (True, 3, 5)])
+def test_chunked_bottleneck_layers_equal_standard(implementation):
+  """On a CPU with oneDNN the scanned bottleneck layers take the fused call
+  (test_implementations_equal_standard covers it); GPUs and TPUs read the buffer in chunks.
+  This runs that chunked path here, the fused call turned off, against the standard layers."""
+  memory_efficient, scan_segments, scan_chunk = (implementation + (64,))[:3]
+  standard = tiny(scan_segments=0, depth=28)
+  other = tiny(memory_efficient=memory_efficient, scan_segments=scan_segments,
+               scan_chunk=scan_chunk, depth=28)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  onednn.set_bottleneck_enabled(False)
+  try:
+    assert 'densenet_onednn_bottleneck' not in _lowered_train_gradient(
+        other, x.shape).as_text()
+    _assert_trains_as(other, standard, x)
+  finally:
+    onednn.set_bottleneck_enabled(True)
+
+
 @pytest.mark.parametrize('implementation', [(True, 0), (True, 2, 5)])
 def test_memory_efficient_imagenet_stem_equals_standard(implementation):
   """The memory-efficient mode recomputes the ImageNet stem (convolution, BN, ReLU, max pool)
