@@ -277,6 +277,11 @@ class DenseNet(nn.Module):
     to zero: its first convolution and BatchNorm do that padded work. Larger chunks mean fewer,
     larger matrix products.
 
+    On a CPU with oneDNN, bottleneck layers take a fused call that reads exactly their width
+    (scanned_layer.py), so there the chunk serves layers without bottleneck, the
+    memory-efficient transitions, bfloat16 and CPUs without oneDNN; the figures below were
+    measured when every layer used chunks.
+
     On a CPU: 48 channels in the first block where that pads the dense layers' inputs at least
     5% less than 64 does, else 64, and in the standard mode twice as many in each later block,
     whose maps have a quarter of the positions (a deep block's layers are wide and its chunks'
