@@ -164,7 +164,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     std::copy_n(dkernels_in.typed_data(), dkernels_in.element_count(), dkernels->typed_data());
   }
   const float* k = kernels.typed_data() + g.offset * g.out;
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(g.rows, pool.num_threads()));
+  int64_t parts = densenet_jax::NumParts(pool, g.rows);
   // Each part sums its own kernel gradient and per-channel sums; they are added at the end.
   std::vector<std::vector<float>> dk(parts), sum_da(parts), sum_db(parts);
   return Guard([&] {

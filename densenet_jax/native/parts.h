@@ -22,13 +22,18 @@ namespace densenet_jax {
 
 namespace ffi = xla::ffi;
 
+// How many parts ForEachPart splits [0, n) into: one per pool thread, at most n.
+inline int64_t NumParts(ffi::ThreadPool& pool, int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(n, pool.num_threads()));
+}
+
 // Runs part(i, first, count) for parts of [0, n) (a batch's images, or an array's rows) on the
 // calling thread and on XLA's intra-op thread pool, each part single-threaded in oneDNN;
 // returns when all parts are done. Parts are claimed from a shared counter, so a part that no
 // pool thread has claimed yet runs on the calling thread (see onednn_conv.cc on threads).
 inline void ForEachPart(ffi::ThreadPool& pool, int64_t n,
                         const std::function<void(int64_t, int64_t, int64_t)>& part) {
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(n, pool.num_threads()));
+  int64_t parts = NumParts(pool, n);
   auto run = [n, parts, &part](int64_t i) {
     omp_set_num_threads(1);  // per thread; see the comment at the top
     int64_t first = n * i / parts;
