@@ -58,6 +58,9 @@ def main(argv):
     # A mistake in the config: the message names the field; a traceback would only bury it.
     logging.error('%s', e)
     sys.exit(f'Config error: {e}')
+  except FloatingPointError as e:  # The loss diverged; the message says what to change.
+    logging.error('%s', e)
+    sys.exit(f'Training stopped: {e}')
 
 
 if __name__ == '__main__':

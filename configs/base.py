@@ -96,10 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Learning rate for a global batch of reference_batch_size; scaled linearly by the trainer.
   config.learning_rate = 0.1
   config.reference_batch_size = 256
-  # 'step': divide by lr_decay_factor at each epoch of lr_decay_epochs (the paper's schedule);
+  # 'step': divide by lr_decay_factor at each fraction of the run in lr_decay_at (the paper's
+  # schedule: epochs 30 and 60 of 90 on ImageNet; the boundaries follow num_epochs);
   # 'cosine': cosine decay to zero. Both after warmup_epochs of linear warmup.
   config.schedule = 'step'
-  config.lr_decay_epochs = (30, 60)
+  config.lr_decay_at = (1 / 3, 2 / 3)
   config.lr_decay_factor = 0.1
   config.warmup_epochs = 0.0
   # Label smoothing of the cross-entropy target (0: none).

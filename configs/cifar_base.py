@@ -47,7 +47,7 @@ def get_config(model_name: str, variant: str = 'cifar10'):
   config.reference_batch_size = 64
   config.learning_rate = 0.1
   config.num_epochs = 40 if dataset == 'svhn_cropped' else 300
-  config.lr_decay_epochs = (config.num_epochs // 2, config.num_epochs * 3 // 4)
+  config.lr_decay_at = (0.5, 0.75)
   config.weight_decay = 1e-4
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000

@@ -34,7 +34,7 @@ def get_config():
   config.reference_batch_size = 64
   config.learning_rate = 0.1
   config.num_epochs = 20
-  config.lr_decay_epochs = (10, 15)
+  config.lr_decay_at = (0.5, 0.75)
   config.log_every_steps = 50
   config.eval_every_steps = 110
   config.checkpoint_every_steps = 100

@@ -16,15 +16,16 @@ def learning_rate_schedule(config, *, global_batch_size: int, steps_per_epoch: i
                            num_train_steps: int) -> optax.Schedule:
   """The learning rate as a function of the step.
 
-  'step' is the paper's schedule: the rate is multiplied by lr_decay_factor at each epoch in
-  lr_decay_epochs (ImageNet: 30 and 60 of 90; CIFAR: 50 % and 75 % of training). 'cosine' decays
+  'step' is the paper's schedule: the rate is multiplied by lr_decay_factor at each fraction of
+  the run in lr_decay_at (ImageNet: 1/3 and 2/3, epochs 30 and 60 of 90; CIFAR: 50 % and 75 %),
+  so that a longer or shorter run keeps the recipe's shape. 'cosine' decays
   to zero at num_train_steps. Both start with warmup_epochs of linear warmup from zero.
   """
   base = scaled_learning_rate(config, global_batch_size)
   warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
   if config.schedule == 'step':
-    boundaries = {int(round(e * steps_per_epoch)): config.lr_decay_factor
-                  for e in config.lr_decay_epochs}
+    boundaries = {int(round(f * num_train_steps)): config.lr_decay_factor
+                  for f in config.lr_decay_at}
     main = optax.piecewise_constant_schedule(base, boundaries)
     if warmup_steps:
       # Boundaries are absolute steps; the joined schedule restarts its count after warmup.

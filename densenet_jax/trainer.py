@@ -26,9 +26,11 @@ from densenet_jax import checkpointing
 from densenet_jax import input_pipeline
 from densenet_jax import optimization
 from densenet_jax import pretrained
+from densenet_jax import records
 from densenet_jax import run_guard
 from densenet_jax import train_lib
 from densenet_jax import validation
+from densenet_jax.models import complexity
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
 
@@ -119,16 +121,6 @@ def _check_finite(history, first_step: int) -> None:
         'it is intact; lower the learning rate or enable grad_clip_norm and rerun.')
 
 
-def _write_results(workdir: str, step: int, eval_metrics: Dict[str, float], config) -> None:
-  if jax.process_index() != 0:
-    return
-  results = {'step': step, **eval_metrics, 'config': config.to_dict()}
-  path = os.path.join(workdir, 'results.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(results, f, indent=2, default=str)
-  os.replace(path + '.tmp', path)
-
-
 def model_description(model) -> Dict[str, Any]:
   """The model's architectural fields, as JSON values, for comparison across restarts.
 
@@ -140,6 +132,17 @@ def model_description(model) -> Dict[str, Any]:
             if f.name not in ('parent', 'name', 'dtype', 'memory_efficient', 'scan_segments',
                               'scan_chunk')}
   return json.loads(json.dumps(fields))
+
+
+def _flat_hparams(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
+  """Every config field under its dotted name ('model.growth_rate'), for TensorBoard."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_hparams(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value if isinstance(value, (int, float, bool)) else str(value)
+  return flat
 
 
 def _initialise(state, init_checkpoint: str, model):
@@ -177,6 +180,30 @@ def _restore(checkpointer, state, plan: Plan, model, init_checkpoint=None):
   return state
 
 
+def prepare(config: ml_collections.ConfigDict, device_count: int, process_count: int):
+  """The dataset's info and the model of `config`, after every check that needs no compilation.
+
+  Raises:
+    validation.ConfigError: naming the field (or file) that this run cannot use.
+  """
+  try:
+    info = input_pipeline.get_info(config.dataset)
+  except (ValueError, FileNotFoundError) as e:
+    message = str(e)
+    raise validation.ConfigError(message if message.startswith('config.') else
+                                 f'config.dataset: {message}') from None
+  model = build_model(config, info.num_classes)
+  validation.validate_run(config, model, info, device_count, process_count)
+  if config.init_checkpoint:
+    pretrained.check_model(config.init_checkpoint, model)
+  return info, model
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints if present), evaluates, writes results.json.
 
@@ -188,11 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     The final step and evaluation metrics; 'preempted': True if a signal stopped the run
     early (after saving a checkpoint to resume from).
   """
-  info = input_pipeline.get_info(config.dataset)
-  model = build_model(config, info.num_classes)
-  validation.validate_run(config, model, info, jax.device_count(), jax.process_count())
-  if config.init_checkpoint:
-    pretrained.check_model(config.init_checkpoint, model)
+  info, model = prepare(config, jax.device_count(), jax.process_count())
+  if config.eval_only and not config.init_checkpoint and not _has_checkpoints(workdir):
+    raise validation.ConfigError(
+        f'config.eval_only=True: {workdir} has no checkpoint to evaluate and '
+        'config.init_checkpoint is not set; train first, or point init_checkpoint at weights.')
   os.makedirs(workdir, exist_ok=True)
   with run_guard.WorkdirLock(workdir):
     return _run(config, workdir, info, model)
@@ -232,18 +259,24 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   if config.eval_only:
     eval_metrics = evaluate(p_eval, state, config, plan, mesh)
     writer.write_scalars(start_step, eval_metrics)
-    _write_results(workdir, start_step, eval_metrics, config)
+    records.write_results(workdir, start_step, eval_metrics, config)
     checkpointer.close()
     return {'step': start_step, **eval_metrics}
   if start_step == 0:
-    writer.write_hparams({k: str(v) for k, v in config.to_dict().items()
-                          if not isinstance(v, dict)})
+    writer.write_hparams(_flat_hparams(config.to_dict()))
 
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=plan.num_train_steps, writer=writer)
   preemption = run_guard.Preemption()
   history, history_start = [], start_step
   eval_metrics: Optional[Dict[str, float]] = None
+  timer = records.TrainTimer(workdir, plan.num_train_steps, plan.global_batch, run={
+      'params': sum(x.size for x in jax.tree.leaves(state.params)),
+      'gmacs': complexity.gmacs(model, info.image_shape[0], info.image_shape[-1]),
+      'steps_per_epoch': plan.steps_per_epoch, 'global_batch': plan.global_batch,
+      'model': model_description(model)})
+  timer.write(start_step)
+  eval_seconds = 0.0  # Spent evaluating since the last log point: not training time.
   last_log = time.perf_counter()
   step = start_step
   batches = _train_batches(config, plan, start_step, mesh)
@@ -260,13 +293,17 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
         values = jax.device_get(history)
         now = time.perf_counter()
         summary = {f'train_{k}': float(np.mean([m[k] for m in values])) for k in values[0]}
-        summary['steps_per_sec'] = len(values) / (now - last_log)
+        seconds = now - last_log - eval_seconds
+        summary['steps_per_sec'] = len(values) / seconds
         summary['examples_per_sec'] = summary['steps_per_sec'] * plan.global_batch
         writer.write_scalars(step, summary)
-        history, history_start, last_log = [], step, now
+        timer.add(step, len(values), seconds)
+        history, history_start, last_log, eval_seconds = [], step, now, 0.0
       if step % plan.eval_every == 0 or is_last:
+        eval_start = time.perf_counter()
         eval_metrics = evaluate(p_eval, state, config, plan, mesh)
         writer.write_scalars(step, eval_metrics)
+        eval_seconds += time.perf_counter() - eval_start
       stop = preemption.should_stop(step)
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
         _check_finite(history, history_start)  # Never save a state that went non-finite.
@@ -282,6 +319,6 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   writer.flush()
   if eval_metrics is None:  # Resumed at the final step: evaluate what was restored.
     eval_metrics = evaluate(p_eval, state, config, plan, mesh)
-  _write_results(workdir, step, eval_metrics, config)
+  records.write_results(workdir, step, eval_metrics, config, timer)
   logging.info('Finished at step %d: %s', step, eval_metrics)
   return {'step': step, **eval_metrics}

@@ -73,11 +73,7 @@ def validate_run(config, model, info, device_count: int, process_count: int) -> 
   _require(config.grad_clip_norm is None or config.grad_clip_norm > 0, 'grad_clip_norm',
            config.grad_clip_norm, 'a positive number or None')
   if config.schedule == 'step':
-    boundaries = list(config.lr_decay_epochs)
-    _require(boundaries == sorted(boundaries) and all(e > 0 for e in boundaries),
-             'lr_decay_epochs', config.lr_decay_epochs, 'increasing positive epochs')
-    last = boundaries[-1] * steps_per_epoch if boundaries else 0
-    _require(last < num_steps, 'lr_decay_epochs', config.lr_decay_epochs,
-             f'epochs within the run, which ends after {num_steps / steps_per_epoch:g} epochs '
-             f'({num_steps} steps of {steps_per_epoch} per epoch); scale the boundaries with '
-             'num_epochs/num_train_steps')
+    fractions = list(config.lr_decay_at)
+    _require(fractions == sorted(fractions) and all(
+        isinstance(f, (int, float)) and 0 < f < 1 for f in fractions), 'lr_decay_at',
+             config.lr_decay_at, 'increasing fractions of the run in (0, 1), e.g. (0.5, 0.75)')

@@ -146,8 +146,8 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  # The learning rate jumps to 1e29 after 9 steps (epoch 0.2 of 44 steps): the run diverges.
-  config = tiny_config(num_train_steps=30, lr_decay_epochs=(0.2,), lr_decay_factor=1e30,
+  # The learning rate jumps to 1e29 after 9 steps (0.3 of the 30 steps): the run diverges.
+  config = tiny_config(num_train_steps=30, lr_decay_at=(0.3,), lr_decay_factor=1e30,
                        log_every_steps=1)
   with pytest.raises(FloatingPointError, match=r'Loss is (nan|inf) at step (1\d|2\d)\b'):
     trainer.train_and_evaluate(config, str(tmp_path))

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Overrides that shrink the quickstart to a few seconds: L=10 (one layer per block), k=4.
 TINY = ['--config.model.depth=10', '--config.model.growth_rate=4', '--config.batch_size=32',
-        '--config.num_train_steps=12', '--config.lr_decay_epochs=()',
+        '--config.num_train_steps=12', '--config.lr_decay_at=()',
         '--config.log_every_steps=4', '--config.checkpoint_every_steps=4',
         '--config.eval_every_steps=6', '--config.eval_batch_size=64']
 
@@ -39,7 +39,7 @@ def tiny_config(**overrides):
   config.batch_size = 32
   config.eval_batch_size = 64
   config.num_train_steps = 12
-  config.lr_decay_epochs = ()
+  config.lr_decay_at = ()
   config.log_every_steps = 4
   config.checkpoint_every_steps = 4
   config.eval_every_steps = 6
@@ -190,7 +190,8 @@ def test_two_processes_train_checkpoint_evaluate(tmp_path):
 @pytest.mark.parametrize('overrides, match', [
     (dict(batch_size=12), r'config.batch_size=12: expected a positive multiple of the number '
                           r'of devices \(8\)'),
-    (dict(lr_decay_epochs=(1, 5)), r'config.lr_decay_epochs=\(1, 5\): expected epochs within'),
+    (dict(lr_decay_at=(0.5, 1.5)), r'config.lr_decay_at=\(0.5, 1.5\): expected increasing '
+                                   r'fractions of the run'),
     (dict(**{'dataset.image_size': 2}), r'config.dataset.image_size=2: expected at least 4'),
     (dict(**{'model.compression': 1.5}), r'config.model: .*compression=1.5'),
     (dict(**{'model.depth': 11}), r'config.model: depth=11 does not fit DenseNet-BC'),
@@ -202,6 +203,18 @@ def test_config_errors_before_compilation(tmp_path, overrides, match):
   with pytest.raises(ConfigError, match=match):
     trainer.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
   assert time.perf_counter() - start < 10  # Nothing was compiled.
+
+
+def test_eval_only_without_a_checkpoint_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match=r'config.eval_only=True: .* has no checkpoint'):
+    trainer.train_and_evaluate(tiny_config(eval_only=True), str(tmp_path / 'fresh'))
+  assert not os.path.exists(tmp_path / 'fresh' / 'results.json')
+
+
+def test_dataset_errors_name_the_field(tmp_path):
+  config = tiny_config(**{'dataset.name': 'folder', 'dataset.data_dir': str(tmp_path / 'no')})
+  with pytest.raises(ConfigError, match=r'^config.dataset.data_dir=.*: no such directory'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
 def test_nan_loss_stops_with_step(tmp_path, monkeypatch):
@@ -218,7 +231,7 @@ def test_nan_loss_stops_with_step(tmp_path, monkeypatch):
 
 
 def test_learning_rate_is_scaled_and_decayed():
-  config = tiny_config(learning_rate=0.1, reference_batch_size=64, lr_decay_epochs=(2, 3))
+  config = tiny_config(learning_rate=0.1, reference_batch_size=64, lr_decay_at=(0.5, 0.75))
   schedule = optimization.learning_rate_schedule(config, global_batch_size=128,
                                                  steps_per_epoch=10, num_train_steps=40)
   np.testing.assert_allclose([schedule(s) for s in (0, 19, 20, 29, 30, 39)],

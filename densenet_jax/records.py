@@ -1,0 +1,89 @@
+"""The files a run writes for people and tools beside its checkpoints, and how to read them.
+
+WORKDIR/results.json: the final step, evaluation metrics, training time and the whole config,
+written when a run finishes (or an eval_only run evaluates). WORKDIR/progress.json: the step
+reached and the training time so far, rewritten at every log point; a sweep shows it for a
+running point, and a resumed run adds its time to the earlier sessions'.
+"""
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+import jax
+
+RESULTS = 'results.json'
+PROGRESS = 'progress.json'
+
+
+def read_json(path: str) -> Optional[Dict[str, Any]]:
+  """The JSON object in `path`, or None if there is no such file."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
+def write_json(path: str, record: Dict[str, Any]) -> None:
+  """Writes `record` to `path` whole or not at all (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=2, default=str)
+  os.replace(path + '.tmp', path)
+
+
+def write_results(workdir: str, step: int, eval_metrics: Dict[str, float], config,
+                  timer: Optional['TrainTimer'] = None) -> None:
+  """WORKDIR/results.json: the run's final step, metrics, training time and config."""
+  timing = {**timer.summary(), **timer.run} if timer is not None else {}
+  write_json(os.path.join(workdir, RESULTS),
+             {'step': step, **eval_metrics, **timing, 'config': config.to_dict()})
+
+
+class TrainTimer:
+  """Wall time spent training, over every session of a run, kept in WORKDIR/progress.json.
+
+  `train_seconds` counts the time between log points, evaluations excluded, compilation and
+  input included: what the run cost. `train_images_per_second` leaves out each session's first
+  interval (compilation), so it is the steady speed. A sweep reads the same file to show a
+  running point's progress.
+  """
+
+  def __init__(self, workdir: str, num_train_steps: int, global_batch: int,
+               run: Dict[str, Any]):
+    """`run`: what describes the run beside its time (model, params, steps per epoch...)."""
+    self.path = os.path.join(workdir, PROGRESS)
+    self.num_train_steps = num_train_steps
+    self.global_batch = global_batch
+    self.run = run
+    self.seconds = self.steady_seconds = 0.0
+    self.steady_steps = 0
+    saved = read_json(self.path)
+    if saved is not None:  # A resumed run: its earlier sessions' time counts.
+      self.seconds = float(saved.get('train_seconds', 0.0))
+      self.steady_seconds = float(saved.get('steady_seconds', 0.0))
+      self.steady_steps = int(saved.get('steady_steps', 0))
+    self._first_interval = True
+
+  def add(self, step: int, steps: int, seconds: float) -> None:
+    """Records `steps` steps that took `seconds` (training only), ending at `step`."""
+    self.seconds += seconds
+    if not self._first_interval:
+      self.steady_seconds += seconds
+      self.steady_steps += steps
+    self._first_interval = False
+    self.write(step)
+
+  def write(self, step: int) -> None:
+    """Rewrites progress.json at `step` (also before the first step, to show the run)."""
+    write_json(self.path, {'step': step, 'num_train_steps': self.num_train_steps,
+                           'steady_steps': self.steady_steps,
+                           'steady_seconds': self.steady_seconds, **self.summary(),
+                           **self.run})
+
+  def summary(self) -> Dict[str, float]:
+    steps, seconds = self.steady_steps, self.steady_seconds
+    speed = steps * self.global_batch / seconds if seconds > 0 else None
+    return {'train_seconds': self.seconds, 'train_images_per_second': speed}
