@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from densenet_jax.models import complexity
 from densenet_jax.models import create_model
 
 _MODEL = flags.DEFINE_string('model', 'densenet121', 'A create_model name.')
@@ -58,6 +59,8 @@ def main(argv):
   size = _IMAGE_SIZE.value or (224 if model.stem == 'imagenet' else 32)
   print(f'{_MODEL.value}: {model}\n')
   print(summarize(model, size))
+  print(f'\n{complexity.gmacs(model, size):.3f} GMACs per {size}x{size} image '
+        '(multiply-accumulates of the convolutions and the classifier, forward).')
 
 
 if __name__ == '__main__':

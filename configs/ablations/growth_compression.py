@@ -1,0 +1,49 @@
+"""Ablation of growth rate k and compression theta: DenseNet-BC on CIFAR-10 (C10+).
+
+    python -m densenet_jax.sweep --config=configs/ablations/growth_compression.py --workdir=DIR
+    python -m densenet_jax.sweep --config=configs/ablations/growth_compression.py:cpu --workdir=DIR
+
+Default ('full'): DenseNet-BC L=100, k in {12, 24, 32} x theta in {0.25, 0.5, 0.75, 1.0}, each
+trained with the paper's recipe (300 epochs, batch 64, learning rate 0.1 divided by 10 at 50 %
+and 75 %): 12 runs, each about a GPU-day's fraction of what BC-100 takes.
+
+':cpu': a study that fits on a 2-core CPU in about an hour: DenseNet-BC L=22 (3 layers per
+block), k in {12, 24} x theta in {0.25, 0.5, 1.0}, each trained for the same budget of 1,200
+steps of 64 images (1.5 epochs), the learning rate divided by 10 at 50 % and 75 % of them, and
+evaluated on the whole test set every 400 steps. Its errors
+are far from the paper's; it shows the trend and exercises the whole workflow on real data.
+"""
+
+from configs import cifar_base
+from densenet_jax import hyper
+
+SIZES = ('full', 'cpu')
+
+
+def _size(arg):
+  size = arg or 'full'
+  if size not in SIZES:
+    raise ValueError(f'Config argument {arg!r}: expected one of {SIZES}.')
+  return size
+
+
+def get_config(arg=None):
+  size = _size(arg)
+  config = cifar_base.get_config('densenet_bc', 'cifar10')
+  config.model.depth = 100
+  config.model.growth_rate = 12
+  if size == 'cpu':
+    config.model.depth = 22
+    config.num_train_steps = 1200
+    config.eval_every_steps = 400
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 200
+  return config
+
+
+def get_sweep(arg=None):
+  if _size(arg) == 'cpu':
+    return hyper.product(hyper.sweep('model.growth_rate', [12, 24]),
+                         hyper.sweep('model.compression', [0.25, 0.5, 1.0]))
+  return hyper.product(hyper.sweep('model.growth_rate', [12, 24, 32]),
+                       hyper.sweep('model.compression', [0.25, 0.5, 0.75, 1.0]))

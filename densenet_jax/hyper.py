@@ -1,0 +1,57 @@
+"""Helpers that sweep config files use to declare their points, in the style of big_vision.
+
+A sweep config file has the usual `get_config(arg=None)` and also `get_sweep(arg=None)`, which
+returns a list of points: dicts from a dotted config field to its value. These helpers build
+such lists:
+
+    from densenet_jax import hyper
+
+    def get_sweep(arg=None):
+      return hyper.product(
+          hyper.sweep('model.growth_rate', [12, 24, 32]),
+          hyper.sweep('model.compression', [0.25, 0.5, 0.75, 1.0]))   # 12 points
+
+    hyper.zipped(hyper.sweep('model.depth', [40, 100]),
+                 hyper.sweep('model.growth_rate', [12, 24]))          # 2 points, pairwise
+"""
+
+import itertools
+from typing import Any, Dict, Iterable, List, Sequence
+
+Point = Dict[str, Any]
+
+
+def sweep(field: str, values: Iterable[Any]) -> List[Point]:
+  """One point per value of the dotted config `field`, e.g. sweep('model.depth', [40, 100])."""
+  if not isinstance(field, str) or not field or field.startswith('config.'):
+    raise ValueError(f'sweep field {field!r}: expected a dotted config field such as '
+                     "'model.growth_rate' (without a leading 'config.').")
+  return [{field: value} for value in values]
+
+
+def fixed(**fields: Any) -> List[Point]:
+  """A single point setting `fields` (dots written as '__'), to combine with `product`."""
+  return [{name.replace('__', '.'): value for name, value in fields.items()}]
+
+
+def _merge(points: Sequence[Point]) -> Point:
+  merged: Point = {}
+  for point in points:
+    shared = sorted(set(merged) & set(point))
+    if shared:
+      raise ValueError(f'sweep fields {shared} are set by more than one of the combined lists.')
+    merged.update(point)
+  return merged
+
+
+def product(*lists: Sequence[Point]) -> List[Point]:
+  """The Cartesian product of point lists; the last list varies fastest."""
+  return [_merge(combo) for combo in itertools.product(*lists)]
+
+
+def zipped(*lists: Sequence[Point]) -> List[Point]:
+  """Points combined element by element from lists of equal length."""
+  lengths = {len(points) for points in lists}
+  if len(lengths) > 1:
+    raise ValueError(f'zipped lists must have equal lengths, got {[len(p) for p in lists]}.')
+  return [_merge(combo) for combo in zip(*lists)]

@@ -1,0 +1,469 @@
+"""Runs every point of a sweep config as an ordinary training run, then writes the report.
+
+    python -m densenet_jax.sweep --config=configs/ablations/growth_compression.py:cpu --workdir=DIR
+    python -m densenet_jax.sweep --config=... --workdir=DIR --launcher=slurm --partition=gpu \
+        --nodes=1 --gpus_per_node=8 --time_min=600 --array_parallelism=4
+    python -m densenet_jax.sweep --config=... --workdir=DIR --launcher=print
+
+A sweep config file has `get_config(arg=None)` and `get_sweep(arg=None)`, the latter a list of
+points, each a dict from a dotted config field to a value (see densenet_jax/hyper.py). Point
+`p` runs `train.py` with the config file, `--config.FIELD=VALUE` for each of its fields, and
+its own workdir DIR/<name>, the name made of the swept values ('growth_rate=12,compression=0.5').
+So every point resumes, writes results.json and TensorBoard events, like any run. `--config.X=Y`
+flags given to the sweep apply to every point.
+
+Every point's config is checked (the same checks as train.py) before the first one starts.
+Locally the points run one after another: rerunning the command skips finished points (those
+with a results.json), resumes an interrupted one and runs the rest; a failing point is recorded
+with its error and the others still run, and the command exits non-zero naming the failures.
+DIR/sweep.json records each point's overrides and state (pending, running, done, failed,
+interrupted, submitted). `--launcher=slurm` submits the unfinished points as one SLURM job array through
+submitit; `--launcher=print` prints each point's train.py command for other launchers.
+"""
+
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections.config_flags import config_flags
+
+from densenet_jax import records
+from densenet_jax import run_guard
+from densenet_jax import trainer
+from densenet_jax import validation
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Sweep config file, FILE.py[:ARG].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; point p runs in DIR/<name>.')
+_LAUNCHER = flags.DEFINE_enum('launcher', 'local', ['local', 'slurm', 'print'],
+                              'local: one point after another here; slurm: a job array '
+                              'through submitit; print: print the points\' commands.')
+_REPORT = flags.DEFINE_bool('report', True, 'Write DIR/results.csv, report.md and figures at '
+                            'the end (local and slurm with --wait).')
+_POLL = flags.DEFINE_float('poll_seconds', 30.0, 'How often a running point\'s progress is shown.')
+_PARTITION = flags.DEFINE_string('partition', None, 'SLURM partition.')
+_NODES = flags.DEFINE_integer('nodes', 1, 'SLURM nodes per point.')
+_GPUS = flags.DEFINE_integer('gpus_per_node', 0, 'GPUs per node (one process per node).')
+_CPUS = flags.DEFINE_integer('cpus_per_task', None, 'CPUs per task (SLURM default if None).')
+_TIME = flags.DEFINE_integer('time_min', 24 * 60, 'Time limit of each point, minutes.')
+_PARALLEL = flags.DEFINE_integer('array_parallelism', 16, 'Points running at once (SLURM).')
+_WAIT = flags.DEFINE_bool('wait', True, 'slurm: wait for the jobs, then write the report.')
+
+TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'train.py')
+SWEEP_JSON = 'sweep.json'
+
+
+class SweepError(ValueError):
+  """A sweep config that cannot run: named point, field and what was expected."""
+
+
+@dataclasses.dataclass
+class Point:
+  """One run of the sweep."""
+  index: int
+  name: str
+  overrides: Dict[str, Any]
+  state: str = 'pending'
+  error: Optional[str] = None
+  job_id: Optional[str] = None
+
+  def record(self) -> Dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def split_config_arg(config_arg: str):
+  """'FILE.py:ARG' -> ('FILE.py', 'ARG'); 'FILE.py' -> ('FILE.py', None)."""
+  path, sep, arg = config_arg.partition(':')
+  return path, (arg if sep else None)
+
+
+def _call(function, arg):
+  """Calls get_config / get_sweep with ARG if given (as ml_collections' config flags do)."""
+  if arg is None and not inspect.signature(function).parameters:
+    return function()
+  return function(arg) if arg is not None else function()
+
+
+def _load_module(config_arg: str):
+  path, arg = split_config_arg(config_arg)
+  if not os.path.isfile(path):
+    raise SweepError(f'--config={config_arg}: no such file {path!r}.')
+  spec = importlib.util.spec_from_file_location('densenet_sweep_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module, path, arg
+
+
+def load_config(config_arg: str):
+  """get_config(ARG) of a config file 'FILE.py:ARG', as --config=FILE.py:ARG gives it."""
+  module, _, arg = _load_module(config_arg)
+  return _call(module.get_config, arg)
+
+
+def load_points(config_arg: str) -> List[Dict[str, Any]]:
+  """The points of a sweep config file; clear errors for a file that is not one."""
+  module, path, arg = _load_module(config_arg)
+  if not hasattr(module, 'get_sweep'):
+    raise SweepError(f'{path} has no get_sweep(arg=None): not a sweep config (see '
+                     'configs/ablations/).')
+  points = _call(module.get_sweep, arg)
+  if (not isinstance(points, (list, tuple)) or not points
+      or not all(isinstance(p, dict) for p in points)):
+    raise SweepError(f'{path}: get_sweep({arg!r}) must return a non-empty list of dicts from '
+                     f'a dotted config field to a value, got {type(points).__name__}.')
+  return [dict(p) for p in points]
+
+
+def _format_value(value) -> str:
+  if isinstance(value, (tuple, list)):
+    return '-'.join(_format_value(v) for v in value)
+  return str(value).replace('/', '_').replace(' ', '')
+
+
+def point_names(points: Sequence[Dict[str, Any]]) -> List[str]:
+  """Readable, unique names from the swept values: 'growth_rate=12,compression=0.5'.
+
+  A field is named by its last component unless two swept fields share it; fields whose value
+  is the same in every point are left out of the names.
+  """
+  fields = list(dict.fromkeys(f for p in points for f in p))
+  varying = [f for f in fields if len({repr(p.get(f)) for p in points}) > 1] or fields
+  short = [f.rsplit('.', 1)[-1] for f in varying]
+  labels = [s if short.count(s) == 1 else f for s, f in zip(short, varying)]
+  names = [','.join(f'{label}={_format_value(p[f])}' for label, f in zip(labels, varying)
+                    if f in p) for p in points]
+  if len(set(names)) != len(names):
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    raise SweepError(f'The sweep has repeated points: {duplicates}.')
+  return names
+
+
+def apply_overrides(config, overrides: Dict[str, Any]):
+  """A copy of `config` with each dotted field set; a field that does not exist or a value of the
+  wrong type raises SweepError naming it."""
+  config = config.copy_and_resolve_references()
+  for field, value in overrides.items():
+    *path, last = field.split('.')
+    node = config
+    try:
+      for part in path:
+        node = node[part]
+      if last not in node:
+        raise KeyError(last)
+      node[last] = tuple(value) if isinstance(value, list) else value
+    except (KeyError, AttributeError, TypeError) as e:
+      problem = 'no such field' if isinstance(e, (KeyError, AttributeError)) else e
+      raise SweepError(f'config.{field}={value!r}: {problem}.') from None
+  return config
+
+
+def override_args(overrides: Dict[str, Any]) -> List[str]:
+  """The train.py flags that set `overrides` ({'model.depth': 40} -> --config.model.depth=40)."""
+  args = []
+  for field, value in overrides.items():
+    if isinstance(value, (tuple, list)):
+      value = '(' + ','.join(str(v) for v in value) + (',)' if len(value) == 1 else ')')
+    args.append(f'--config.{field}={value}')
+  return args
+
+
+@dataclasses.dataclass
+class Sweep:
+  """A sweep config's points, checked, with their commands and workdirs under `workdir`."""
+  config_arg: str
+  workdir: str
+  points: List[Point]
+  common: Dict[str, Any]
+
+  def point_workdir(self, point: Point) -> str:
+    return os.path.join(self.workdir, point.name)
+
+  def command(self, point: Point) -> List[str]:
+    return [sys.executable, TRAIN_PY, f'--config={self.config_arg}',
+            f'--workdir={self.point_workdir(point)}', *override_args(self.common),
+            *override_args(point.overrides)]
+
+  def is_done(self, point: Point) -> bool:
+    return os.path.exists(os.path.join(self.point_workdir(point), records.RESULTS))
+
+  def save(self) -> None:
+    """DIR/sweep.json, written whole."""
+    records.write_json(os.path.join(self.workdir, SWEEP_JSON), {
+        'config': self.config_arg, 'common_overrides': self.common,
+        'points': [p.record() for p in self.points]})
+
+
+def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
+                device_count: int, process_count: int) -> Sweep:
+  """Loads the sweep's points and checks every one before any runs.
+
+  Args:
+    config_arg: the config file and argument, 'FILE.py:ARG'.
+    config: its get_config(ARG), with the `common` overrides applied.
+    workdir: the sweep directory.
+    common: dotted field -> value given to the sweep for every point.
+    device_count, process_count: of the runs the points will be (not of this process when the
+      points run elsewhere).
+
+  Raises:
+    SweepError: naming the first point that cannot run, and why.
+  """
+  raw = load_points(config_arg)
+  points = [Point(i, name, overrides) for i, (name, overrides)
+            in enumerate(zip(point_names(raw), raw))]
+  for point in points:
+    label = f'Point {point.index + 1} of {len(points)} ({point.name})'
+    try:
+      trainer.prepare(apply_overrides(config, point.overrides), device_count, process_count)
+    except (SweepError, validation.ConfigError) as e:
+      raise SweepError(f'{label}: {e}') from None
+  return Sweep(config_arg, os.path.abspath(workdir), points, common)
+
+
+def _restore_states(sweep: Sweep) -> None:
+  """Carries states recorded by an earlier run of this sweep over; done means results.json."""
+  saved = records.read_json(os.path.join(sweep.workdir, SWEEP_JSON)) or {}
+  by_name = {p.get('name'): p for p in saved.get('points', [])}
+  for point in sweep.points:
+    old = by_name.get(point.name, {})
+    if sweep.is_done(point):
+      point.state = 'done'
+    elif old.get('state') in ('failed', 'submitted'):
+      point.state, point.error, point.job_id = old['state'], old.get('error'), old.get('job_id')
+
+
+def _last_line(log_path: str) -> str:
+  """The last non-empty line of a point's log: the error it stopped with."""
+  try:
+    with open(log_path, errors='replace') as f:
+      lines = [line.strip() for line in f.readlines()[-200:] if line.strip()]
+  except OSError:
+    return 'no log'
+  return lines[-1][:1000] if lines else 'no output'
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+class _Progress:
+  """Point i of N, its own step, and the sweep's ETA from the work done so far."""
+
+  def __init__(self, sweep: Sweep):
+    self.sweep = sweep
+    self.start = time.time()
+    self.start_fraction = self.fraction()
+
+  def point_fraction(self, point: Point) -> float:
+    if point.state == 'done':
+      return 1.0
+    progress = records.read_json(os.path.join(self.sweep.point_workdir(point),
+                                              records.PROGRESS))
+    if not progress or not progress.get('num_train_steps'):
+      return 0.0
+    return min(1.0, progress['step'] / progress['num_train_steps'])
+
+  def fraction(self) -> float:
+    return sum(self.point_fraction(p) for p in self.sweep.points) / len(self.sweep.points)
+
+  def line(self, point: Point, own: Optional[str] = None) -> str:
+    """'Point i/N NAME: OWN; sweep x% done, ETA h:mm:ss'; OWN defaults to the point's step."""
+    progress = records.read_json(os.path.join(self.sweep.point_workdir(point),
+                                              records.PROGRESS)) or {}
+    if own is None and progress.get('num_train_steps'):
+      speed = progress.get('train_images_per_second')
+      own = (f'step {progress["step"]}/{progress["num_train_steps"]}'
+             + (f', {speed:.1f} img/s' if speed else ''))
+    own = own or 'starting'
+    fraction = self.fraction()
+    done_here = fraction - self.start_fraction
+    elapsed = time.time() - self.start
+    eta = (_duration(elapsed * (1 - fraction) / done_here) if done_here > 0.001 else '?')
+    return (f'Point {point.index + 1}/{len(self.sweep.points)} {point.name}: {own}; '
+            f'sweep {100 * fraction:.0f}% done, ETA {eta}')
+
+
+def start_point(command: Sequence[str], log_path: str) -> subprocess.Popen:
+  """Starts one point's train.py, its output appended to `log_path`."""
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  with open(log_path, 'a') as log:
+    log.write(f'\n$ {shlex.join(command)}\n')
+    log.flush()
+    return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_local(sweep: Sweep, poll_seconds: float) -> List[Point]:
+  """Runs the unfinished points one after another; returns the failed ones."""
+  progress = _Progress(sweep)
+  for point in sweep.points:
+    if point.state == 'done':
+      logging.info('Point %d/%d %s: done already, skipped.', point.index + 1,
+                   len(sweep.points), point.name)
+      continue
+    point.state, point.error = 'running', None
+    sweep.save()
+    log_path = os.path.join(sweep.point_workdir(point), 'train.log')
+    logging.info('Point %d/%d %s: running (log: %s).', point.index + 1, len(sweep.points),
+                 point.name, log_path)
+    proc = start_point(sweep.command(point), log_path)
+    try:
+      while True:
+        try:
+          returncode = proc.wait(timeout=poll_seconds)
+          break
+        except subprocess.TimeoutExpired:
+          logging.info('%s', progress.line(point))
+    except BaseException:  # Ctrl-C or SIGTERM: stop the point (it checkpoints), then exit.
+      proc.terminate()
+      proc.wait()
+      point.state = 'interrupted'
+      sweep.save()
+      raise
+    if returncode == 0 and sweep.is_done(point):
+      point.state = 'done'
+      result = records.read_json(os.path.join(sweep.point_workdir(point), records.RESULTS))
+      logging.info('%s', progress.line(point, f'done, eval_top1 {result.get("eval_top1")}'))
+    else:
+      point.state = 'failed'
+      point.error = (_last_line(log_path) if returncode else
+                     'stopped before finishing (preempted); rerun to resume')
+      logging.error('Point %d/%d %s failed: %s', point.index + 1, len(sweep.points),
+                    point.name, point.error)
+    sweep.save()
+  return [p for p in sweep.points if p.state == 'failed']
+
+
+def run_slurm(sweep: Sweep, *, cluster: Optional[str] = 'slurm', wait: bool = True,
+              **parameters) -> List[Point]:
+  """Submits the unfinished points as one job array through submitit.
+
+  Args:
+    sweep: the checked sweep.
+    cluster: submitit's cluster ('slurm'; 'local' runs the same jobs as local processes, which
+      the tests use).
+    wait: wait for every job and record its outcome.
+    **parameters: submitit executor parameters (slurm_partition, nodes, gpus_per_node, ...).
+
+  Returns:
+    The failed points (only known when waiting).
+  """
+  import submitit  # pylint: disable=g-import-not-at-top
+  todo = [p for p in sweep.points if p.state != 'done']
+  if not todo:
+    return []
+  executor = submitit.AutoExecutor(folder=os.path.join(sweep.workdir, 'submitit', '%j'),
+                                   cluster=cluster)
+  executor.update_parameters(name=os.path.basename(sweep.workdir), **parameters)
+  commands = [sweep.command(p) for p in todo]
+  logs = [os.path.join(sweep.point_workdir(p), 'train.log') for p in todo]
+  jobs = executor.map_array(_run_point_checked, commands, logs)
+  for point, job in zip(todo, jobs):
+    point.state, point.job_id, point.error = 'submitted', str(job.job_id), None
+    logging.info('Point %d/%d %s: submitted as job %s.', point.index + 1, len(sweep.points),
+                 point.name, job.job_id)
+  sweep.save()
+  if not wait:
+    return []
+  for point, job, log in zip(todo, jobs, logs):
+    try:
+      job.result()
+      point.state = 'done' if sweep.is_done(point) else 'failed'
+      point.error = None if point.state == 'done' else 'stopped before finishing; resubmit'
+    except Exception as e:  # pylint: disable=broad-except
+      point.state, point.error = 'failed', _last_line(log) or str(e)[-1000:]
+    sweep.save()
+  return [p for p in sweep.points if p.state == 'failed']
+
+
+def _run_point_checked(command: Sequence[str], log_path: str) -> None:
+  """A job array task: one point's train.py (in every task of a multi-node job)."""
+  returncode = start_point(command, log_path).wait()
+  if returncode:
+    raise RuntimeError(f'train.py exited with status {returncode}: {_last_line(log_path)}')
+
+
+def slurm_parameters() -> Dict[str, Any]:
+  """submitit's executor parameters from the flags."""
+  parameters = dict(nodes=_NODES.value, tasks_per_node=1, timeout_min=_TIME.value,
+                    slurm_array_parallelism=_PARALLEL.value)
+  if _PARTITION.value:
+    parameters['slurm_partition'] = _PARTITION.value
+  if _GPUS.value:
+    parameters['gpus_per_node'] = _GPUS.value
+  if _CPUS.value:
+    parameters['cpus_per_task'] = _CPUS.value
+  return parameters
+
+
+def _interrupt(signum, frame):
+  del frame
+  raise KeyboardInterrupt(f'stopped by {signal.Signals(signum).name}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config_flag = flags.FLAGS['config']
+  config_arg = config_flags.get_config_filename(config_flag)
+  common = config_flags.get_override_values(config_flag)
+  if _LAUNCHER.value == 'slurm':  # The points' devices, not this host's.
+    devices, processes = max(1, _GPUS.value) * _NODES.value, _NODES.value
+  elif _LAUNCHER.value == 'print':
+    devices, processes = 1, 1
+  else:
+    devices, processes = jax.device_count(), jax.process_count()
+  try:
+    sweep = build_sweep(config_arg, _CONFIG.value, _WORKDIR.value, common, devices, processes)
+  except SweepError as e:
+    sys.exit(f'Sweep config error: {e}')
+  if _LAUNCHER.value == 'print':
+    for point in sweep.points:
+      print(shlex.join(['python', 'train.py'] + sweep.command(point)[2:]))
+    return
+  os.makedirs(sweep.workdir, exist_ok=True)
+  signal.signal(signal.SIGTERM, _interrupt)  # Stop the running point cleanly, as Ctrl-C does.
+  try:
+    lock = run_guard.WorkdirLock(sweep.workdir)
+    lock.acquire()
+  except run_guard.WorkdirInUseError as e:
+    sys.exit(f'Sweep error: {e}')
+  try:
+    _restore_states(sweep)
+    logging.info('Sweep %s: %d points in %s, %d done already.', sweep.config_arg,
+                 len(sweep.points), sweep.workdir,
+                 sum(p.state == 'done' for p in sweep.points))
+    sweep.save()
+    if _LAUNCHER.value == 'local':
+      failed = run_local(sweep, _POLL.value)
+      write_report = True
+    else:
+      failed = run_slurm(sweep, wait=_WAIT.value, **slurm_parameters())
+      write_report = _WAIT.value
+    if _REPORT.value and write_report:
+      from densenet_jax import report  # pylint: disable=g-import-not-at-top
+      report.write_report(sweep.workdir)
+  finally:
+    lock.release()
+  if failed:
+    sys.exit(f'{len(failed)} of {len(sweep.points)} points failed: '
+             + '; '.join(f'{p.name}: {p.error}' for p in failed))
+  logging.info('Sweep finished: %d points in %s.', len(sweep.points), sweep.workdir)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)
