@@ -1,5 +1,6 @@
 """The model family: the paper's parameter counts, shapes, validation, modes and dtypes."""
 
+import functools
 import re
 from unittest import mock
 
@@ -215,7 +216,9 @@ def test_train_and_eval_modes():
                              0.1 * jnp.mean(stem_out, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _loss_and_grads(model, variables, x, dropout_key=None):
+  """One compiled program: run op by op, every layer's distinct width compiled its own ops."""
   rngs = {} if dropout_key is None else {'dropout': dropout_key}
 
   def loss_fn(params):
@@ -244,8 +247,13 @@ def _assert_trains_as(other, standard, x, dropout_key=None):
       a, b, atol=min(1e-5, 0.05 * float(np.abs(b).max())))
   jax.tree.map(close, grads_o, grads_s)
   jax.tree.map(close, upd_o, upd_s)
-  np.testing.assert_allclose(other.apply(variables, x), standard.apply(variables, x),
+  np.testing.assert_allclose(_infer(other, variables, x), _infer(standard, variables, x),
                              atol=1e-5)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _infer(model, variables, x):
+  return model.apply(variables, x)
 
 
 # (memory_efficient, scan_segments[, scan_chunk]): unrolled memory-efficient, and scanned blocks
@@ -316,17 +324,15 @@ def test_scanned_dropout():
   model = tiny(depth=28, dropout_rate=0.5, scan_segments=2)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   variables = model.init(jax.random.key(0), x)
-  run = lambda i: model.apply(variables, x, train=True, mutable=['batch_stats'],
-                              rngs={'dropout': jax.random.key(i)})[0]
+  run = jax.jit(lambda i: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                      rngs={'dropout': jax.random.key(i)})[0])
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.allclose(run(0), run(1))
   no_dropout = tiny(depth=28, scan_segments=2)
-  np.testing.assert_allclose(model.apply(variables, x), no_dropout.apply(variables, x),
+  np.testing.assert_allclose(_infer(model, variables, x), _infer(no_dropout, variables, x),
                              atol=1e-6)
-  grads = jax.grad(lambda p: jnp.sum(model.apply(
-      {'params': p, 'batch_stats': variables['batch_stats']}, x, train=True,
-      mutable=['batch_stats'], rngs={'dropout': jax.random.key(0)})[0]))(variables['params'])
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  logits, _, grads = _loss_and_grads(model, variables, x, jax.random.key(0))
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves((logits, grads)))
 
 
 def test_segment_bounds_are_optimal():
