@@ -6,11 +6,11 @@ automatically on TPU pods, SLURM and MPI, or with --coordinator_address, --num_p
 --process_id.
 """
 
-# First of all, before JAX starts threads or allocates: restarting later would waste the seconds
-# the imports below take. See densenet_jax/hugepages.py for why.
-from densenet_jax import hugepages
-
-hugepages.restart_with_hugepages()
+if __name__ == '__main__':
+  # Only as a program, and first: restarting later would waste the seconds the imports below
+  # take. See densenet_jax/hugepages.py for why and when it does not restart.
+  from densenet_jax import hugepages
+  hugepages.restart_with_hugepages()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import logging as py_logging

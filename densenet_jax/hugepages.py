@@ -9,7 +9,10 @@ the README's figures come from, that was 147,000 page faults per densenet121 ste
 glibc's `glibc.malloc.hugetlb=1` tunable makes malloc advise the kernel to back such memory with
 transparent huge pages (2 MiB). Faults drop to a few hundred per step and training ran 8-15%
 faster on that VM (measured in alternating processes). A tunable is read only when a process
-starts, so `train.py` and the benchmarks restart themselves once with it set.
+starts, so `train.py` and the benchmarks, when run as programs (never on import), restart
+themselves once with it set. A guard variable makes the restart happen at most once; a process
+that reads its program from standard input, runs under a debugger or tracer, or whose exec fails
+runs on without the tunable and says so on standard error.
 
 Nothing happens when the process is not on Linux with glibc 2.35 or later, when the kernel has
 transparent huge pages switched off, when `GLIBC_TUNABLES` already sets `glibc.malloc.hugetlb`
@@ -23,6 +26,8 @@ from typing import Mapping, Optional
 
 TUNABLE = 'glibc.malloc.hugetlb'
 OPT_OUT = 'DENSENET_JAX_HUGEPAGES'
+# Set in the restarted process: it never restarts again, whatever its environment says.
+RESTARTED = 'DENSENET_JAX_HUGEPAGES_RESTARTED'
 _THP_ENABLED = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
@@ -59,15 +64,38 @@ def restart_environment(environ: Mapping[str, str]) -> Optional[dict]:
   return dict(environ, GLIBC_TUNABLES=tunables)
 
 
-def restart_with_hugepages() -> None:
+def _cannot_restart() -> Optional[str]:
+  """Why re-executing this process would not run the same program again, if it would not."""
+  if sys.argv and sys.argv[0] in ('-', ''):
+    return 'the program was read from standard input'
+  if sys.gettrace() is not None:
+    return 'a debugger or tracer is attached'
+  if not getattr(sys, 'orig_argv', None):
+    return 'the original command line is unknown'
+  return None
+
+
+def restart_with_hugepages() -> bool:
   """Replaces this process by itself with the tunable set (same PID, arguments, environment).
 
-  Call it first thing in a program's entry point, before JAX or anything else has started
-  threads or allocated memory; it returns immediately when no restart is wanted.
+  Call it from a program's `if __name__ == '__main__':` entry, before the slow imports; never
+  at import time. It returns (False) when no restart is wanted or possible, and does not return
+  when the restart happens.
   """
+  if os.environ.get(RESTARTED):
+    return False
   environ = restart_environment(os.environ)
   if environ is None:
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, environ)
+    return False
+  reason = _cannot_restart()
+  if reason is None:
+    environ[RESTARTED] = '1'
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+      os.execve(sys.executable, sys.orig_argv, environ)
+    except OSError as e:
+      reason = f'exec failed: {e}'
+  sys.stderr.write(f'densenet_jax: running without {TUNABLE}=1 (huge pages for large '
+                   f'allocations; slower on CPU) because {reason}.\n')
+  return False

@@ -78,3 +78,36 @@ def test_restarted_process_faults_in_large_allocations_by_huge_pages():
     plain = _child(**{hugepages.OPT_OUT: '0'})
     assert plain['tunables'] == ''
     assert plain['faults'] >= _PAGES_4K * 0.9, plain
+
+
+@pytest.mark.skipif(hugepages.restart_environment({}) is None,
+                    reason='needs Linux, glibc >= 2.35 and transparent huge pages')
+def test_importing_train_py_does_not_restart_the_process():
+  # Restarted, the process would run this code again with the tunable in its environment.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  clean = {k: v for k, v in os.environ.items()
+           if k not in ('GLIBC_TUNABLES', hugepages.OPT_OUT, hugepages.RESTARTED)}
+  code = 'import os, train; print("tunables:", os.environ.get("GLIBC_TUNABLES", ""))'
+  proc = subprocess.run([sys.executable, '-c', code], env=dict(clean, PYTHONPATH=root),
+                        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'tunables:' in proc.stdout and 'hugetlb' not in proc.stdout
+
+
+def test_restart_happens_at_most_once_and_falls_back(supported, monkeypatch, capsys):
+  del supported
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  monkeypatch.setenv(hugepages.RESTARTED, '1')
+  with mock.patch.object(os, 'execve') as execve:
+    assert hugepages.restart_with_hugepages() is False
+    execve.assert_not_called()
+  monkeypatch.delenv(hugepages.RESTARTED)
+  with mock.patch.object(os, 'execve', side_effect=OSError('no exec here')):
+    assert hugepages.restart_with_hugepages() is False
+  assert 'exec failed: no exec here' in capsys.readouterr().err
+  monkeypatch.setattr(sys, 'argv', ['-'])
+  with mock.patch.object(os, 'execve') as execve:
+    assert hugepages.restart_with_hugepages() is False
+    execve.assert_not_called()
+  assert 'standard input' in capsys.readouterr().err
