@@ -43,9 +43,6 @@ class Checkpointer:
     return ocp.CheckpointManager(self.directory, options=options,
                                  item_names=('state', 'input', 'run'))
 
-  def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
-
   def all_steps(self):
     return sorted(self._manager.all_steps())
 

@@ -205,6 +205,26 @@ def test_config_errors_before_compilation(tmp_path, overrides, match):
   assert time.perf_counter() - start < 10  # Nothing was compiled.
 
 
+def test_quickstart_model_learns(tmp_path):
+  """A quarter of the quickstart (5 of its 20 epochs): the loss falls and the digits are
+  recognised far above chance (10 classes: 0.1)."""
+  from densenet_jax import report  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  # As a user runs it: one process, one device.
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'train.py'), f'--workdir={workdir}',
+       f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', '--config.num_epochs=5',
+       '--config.eval_every_steps=-1'], cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               PYTHONPATH=ROOT))
+  assert proc.returncode == 0, proc.stdout[-5000:]
+  losses = report.read_scalars(workdir)['train_loss']
+  first, last = losses[min(losses)], losses[max(losses)]
+  assert last < 0.35 * first, losses
+  assert results(workdir)['eval_top1'] > 0.8, results(workdir)
+
+
 def test_eval_only_without_a_checkpoint_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r'config.eval_only=True: .* has no checkpoint'):
     trainer.train_and_evaluate(tiny_config(eval_only=True), str(tmp_path / 'fresh'))

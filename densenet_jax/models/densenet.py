@@ -46,9 +46,9 @@ class Conv1x1(nn.Module):
   """A bias-free 1x1 convolution computed as a matrix product over the channels.
 
   The kernel has `nn.Conv`'s name and shape [1, 1, in, out], so checkpoints are those of a
-  convolution. XLA lowers the gradient of a 1x1 *convolution* on CPU to slow generic
-  convolution kernels (5-10x slower than the same product written as a matmul, see
-  benchmarks/); as a `dot_general` both gradients are plain matrix products on every backend.
+  convolution. XLA lowered the gradient of a 1x1 *convolution* on CPU to generic convolution
+  kernels, 5-10x slower than the same product written as a matmul; as a product (`ops.pointwise`)
+  both gradients are plain matrix products on every backend.
   """
 
   features: int
@@ -261,12 +261,6 @@ class DenseNet(nn.Module):
   def __post_init__(self):
     validate_fields(self)
     super().__post_init__()
-
-  @property
-  def chunk(self) -> int:
-    """Input channels per step of a scanned layer's first convolution in the first dense block,
-    on the default backend (`chunk_for`)."""
-    return self.chunk_for(jax.default_backend())
 
   def chunk_for(self, platform: str, block: int = 0) -> int:
     """Input channels per step of a scanned layer's first convolution in dense block `block`
