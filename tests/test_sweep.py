@@ -19,24 +19,14 @@ from densenet_jax.models import complexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A quickstart shrunk to seconds (L=10, k=4, 12 steps), with a schedule that a point can make
-# diverge: lr_decay_factor=1e30 multiplies the learning rate by 1e30 after 4 steps.
+# The tests' quickstart shrunk to seconds (L=10, k=4, 12 steps), with a schedule that a point
+# can make diverge: lr_decay_factor=1e30 multiplies the learning rate by 1e30 after 4 steps.
 SWEEP_CONFIG = textwrap.dedent('''
-    from configs import quickstart
     from densenet_jax import hyper
+    from tests.test_training import tiny_config
 
     def get_config(arg=None):
-      config = quickstart.get_config()
-      config.model.depth = 10
-      config.model.growth_rate = 4
-      config.batch_size = 32
-      config.eval_batch_size = 64
-      config.num_train_steps = 12
-      config.lr_decay_at = (0.3,)
-      config.log_every_steps = 4
-      config.checkpoint_every_steps = 4
-      config.eval_every_steps = 6
-      return config
+      return tiny_config(lr_decay_at=(0.3,))
 
     def get_sweep(arg=None):
       if arg == 'diverging':

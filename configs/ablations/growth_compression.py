@@ -15,34 +15,22 @@ are far from the paper's; it shows the trend and exercises the whole workflow on
 """
 
 from configs import cifar_base
+from configs.ablations import common
 from densenet_jax import hyper
-
-SIZES = ('full', 'cpu')
-
-
-def _size(arg):
-  size = arg or 'full'
-  if size not in SIZES:
-    raise ValueError(f'Config argument {arg!r}: expected one of {SIZES}.')
-  return size
 
 
 def get_config(arg=None):
-  size = _size(arg)
   config = cifar_base.get_config('densenet_bc', 'cifar10')
   config.model.depth = 100
   config.model.growth_rate = 12
-  if size == 'cpu':
+  if common.size(arg) == 'cpu':
     config.model.depth = 22
-    config.num_train_steps = 1200
-    config.eval_every_steps = 400
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 200
+    common.cpu_budget(config)
   return config
 
 
 def get_sweep(arg=None):
-  if _size(arg) == 'cpu':
+  if common.size(arg) == 'cpu':
     return hyper.product(hyper.sweep('model.growth_rate', [12, 24]),
                          hyper.sweep('model.compression', [0.25, 0.5, 1.0]))
   return hyper.product(hyper.sweep('model.growth_rate', [12, 24, 32]),

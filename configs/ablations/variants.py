@@ -16,9 +16,8 @@ bottleneck, 1,200 steps each (8 runs, about an hour on 2 CPU cores).
 """
 
 from configs import cifar_base
+from configs.ablations import common
 from densenet_jax import hyper
-
-SIZES = ('full', 'cpu')
 # name, bottleneck, compression: the four variants of the paper.
 VARIANTS = (('densenet_cifar', False, 1.0),   # DenseNet
             ('densenet_bc', True, 1.0),       # DenseNet-B
@@ -28,28 +27,17 @@ DEPTHS = {'full': {False: (40, 100), True: (100, 250)},
           'cpu': {False: (10, 22), True: (16, 28)}}
 
 
-def _size(arg):
-  size = arg or 'full'
-  if size not in SIZES:
-    raise ValueError(f'Config argument {arg!r}: expected one of {SIZES}.')
-  return size
-
-
 def get_config(arg=None):
-  size = _size(arg)
   config = cifar_base.get_config('densenet_bc', 'cifar10')
   config.model.depth = 100
   config.model.growth_rate = 12
-  if size == 'cpu':
-    config.num_train_steps = 1200
-    config.eval_every_steps = 400
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 200
+  if common.size(arg) == 'cpu':
+    common.cpu_budget(config)
   return config
 
 
 def get_sweep(arg=None):
-  depths = DEPTHS[_size(arg)]
+  depths = DEPTHS[common.size(arg)]
   names, bottlenecks, compressions, ls = [], [], [], []
   for name, bottleneck, compression in VARIANTS:
     for depth in depths[bottleneck]:
