@@ -41,6 +41,14 @@ def learning_rate_schedule(config, *, global_batch_size: int, steps_per_epoch: i
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 
+def state_description(config) -> dict:
+  """The config fields that decide the optimizer state's structure (`create_optimizer`):
+  clipping and weight decay add chain stages, momentum adds a trace. Their values may change
+  between sessions of a run; whether they are on may not, or the saved state would not fit."""
+  return {'optimizer': config.optimizer, 'grad_clip_norm': config.grad_clip_norm is not None,
+          'weight_decay': bool(config.weight_decay), 'momentum': bool(config.momentum)}
+
+
 def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum and L2 weight decay on every parameter, as the paper trains.
 

@@ -154,19 +154,30 @@ def _initialise(state, init_checkpoint: str, model):
   return state.replace(params=params, batch_stats=batch_stats)
 
 
-def _restore(checkpointer, state, plan: Plan, model, init_checkpoint=None):
+def run_description(config, model) -> Dict[str, Any]:
+  """What a checkpoint must agree with to be resumed: the network, and the optimizer fields
+  that change the train state's structure (saved with every checkpoint, checked on restore)."""
+  return {'model': model_description(model), 'dataset': config.dataset.name,
+          'optimizer': optimization.state_description(config)}
+
+
+def _restore(checkpointer, state, plan: Plan, model, run_info: Dict[str, Any],
+             init_checkpoint=None):
   """The latest good checkpoint of the workdir, after checking it belongs to this run; for a
   new run, the converted weights of `init_checkpoint` if given."""
-  current = model_description(model)
 
-  def check_run_info(run_info):
-    saved = run_info.get('model', {})
-    differing = [f'model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
-                 for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  def check_run_info(saved_info):
+    differing = []
+    for part in ('model', 'optimizer'):
+      if part not in saved_info:  # Written before this part was recorded: nothing to compare.
+        continue
+      saved, current = saved_info[part], run_info[part]
+      differing += [f'{part}.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}'
+                    for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if differing:
       raise validation.ConfigError(
-          f'The checkpoints in {checkpointer.directory} are of another model; refusing to '
-          f'resume with: {"; ".join(differing)}. Use a new --workdir to train this model.')
+          f'The checkpoints in {checkpointer.directory} hold another train state; refusing to '
+          f'resume with: {"; ".join(differing)}. Change these back, or use a new --workdir.')
 
   restored = checkpointer.restore_latest_good(state, check_run_info)
   if restored is None:
@@ -249,9 +260,9 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   logging.info('Initialised %d parameters in %.1f s.',
                sum(x.size for x in jax.tree.leaves(state.params)), time.perf_counter() - start)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = _restore(checkpointer, state, plan, model, config.init_checkpoint)
+  run_info = run_description(config, model)
+  state = _restore(checkpointer, state, plan, model, run_info, config.init_checkpoint)
   start_step = int(state.step)
-  run_info = {'model': model_description(model), 'dataset': config.dataset.name}
   p_train, p_eval = train_lib.compile_steps(model, tx, schedule, config.label_smoothing,
                                             state_shardings, mesh)
 

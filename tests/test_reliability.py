@@ -163,9 +163,18 @@ def test_resume_with_another_model_is_refused(tmp_path):
                                         r'--workdir'):
     trainer.train_and_evaluate(tiny_config(num_train_steps=8, **{'model.growth_rate': 6}),
                                str(tmp_path))
-  # The compute mode is not the model: switching to the memory-efficient mode resumes.
+  # Optimizer fields that change the train state's structure are refused before anything moves
+  # (they used to look like damage: every checkpoint was moved aside and the run restarted).
+  for overrides, field in ((dict(grad_clip_norm=1.0), 'grad_clip_norm: checkpoint False'),
+                           (dict(momentum=0.0), 'momentum: checkpoint True'),
+                           (dict(weight_decay=0.0), 'weight_decay: checkpoint True')):
+    with pytest.raises(ConfigError, match=f'optimizer.{field}, config'):
+      trainer.train_and_evaluate(tiny_config(num_train_steps=8, **overrides), str(tmp_path))
+  assert steps_in(str(tmp_path)) == [4] and not os.path.exists(tmp_path / 'checkpoints_corrupt')
+  # The compute mode is not the model, and a value is not a structure: both resume.
   out = trainer.train_and_evaluate(
-      tiny_config(num_train_steps=8, **{'model.memory_efficient': True}), str(tmp_path))
+      tiny_config(num_train_steps=8, weight_decay=5e-4, **{'model.memory_efficient': True}),
+      str(tmp_path))
   assert out['step'] == 8
 
 
