@@ -82,6 +82,7 @@ def read_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
       except ImportError as e:
         raise ConversionError(f'Reading {path} needs torch (pip install torch), or convert '
                               'the .safetensors version of the weights instead.') from e
+      # weights_only: tensors and plain containers; a pickle that would run code is refused.
       state = torch.load(path, map_location='cpu', weights_only=True)
       state = state.get('state_dict', state)
       state = {k: v.numpy() for k, v in state.items() if hasattr(v, 'numpy')}
@@ -171,14 +172,15 @@ def read_keras_weights(path: str, model_name: str, num_classes: int) -> Dict[str
     raise ConversionError(f'Reading {path} needs keras (pip install keras).') from e
   try:
     if path.endswith('.keras'):
-      net = keras.models.load_model(path, compile=False)
+      # safe_mode refuses to deserialise code (Lambda layers' bytecode): a weights file from
+      # elsewhere is data, and must not run anything.
+      net = keras.models.load_model(path, compile=False, safe_mode=True)
     else:
+      # Weights only, into the architecture built here; a file that is not such weights is an
+      # error, never a reason to deserialise whatever model the file describes.
       net = getattr(keras.applications, KERAS_MODELS[model_name])(
           weights=None, classes=num_classes, classifier_activation=None)
-      try:
-        net.load_weights(path)
-      except Exception:  # pylint: disable=broad-except
-        net = keras.models.load_model(path, compile=False)  # A whole model saved as .h5.
+      net.load_weights(path)
   except Exception as e:  # pylint: disable=broad-except
     raise ConversionError(f'Cannot read {path} as Keras {KERAS_MODELS[model_name]} weights: '
                           f'{type(e).__name__}: {e}') from e

@@ -199,3 +199,36 @@ def test_fine_tuning_keeps_all_but_a_resized_classifier():
   wrong = jax.device_get(other.init(jax.random.key(2), x))
   with pytest.raises(ValueError, match=r'does not match config.model: params/\S+ has shape'):
     pretrained.merge(source, wrong['params'], wrong['batch_stats'], other)
+
+
+class _Payload:
+  """Pickles as a call to os.system: loading it would run a command."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+def test_files_that_carry_code_are_refused(tmp_path):
+  torch = pytest.importorskip('torch')
+  marker = tmp_path / 'code_ran'
+  path = tmp_path / 'payload.pth'
+  torch.save({'features.conv0.weight': torch.zeros(1), 'x': _Payload(marker)}, path)
+  with pytest.raises(convert.ConversionError, match='Cannot read .*payload.pth as a state dict'):
+    convert.read_torch_state_dict(str(path))
+  assert not marker.exists()
+
+  keras = pytest.importorskip('keras')
+  inputs = keras.Input((4,))
+  outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)
+  keras_path = tmp_path / 'lambda.keras'
+  keras.Model(inputs, outputs).save(keras_path)
+  with pytest.raises(convert.ConversionError, match=r'Cannot read .*lambda.keras.*safe_mode'):
+    convert.read_keras_weights(str(keras_path), 'densenet121', 1000)
+  # A .h5 file that is not DenseNet weights is not loaded as a whole model instead.
+  h5_path = tmp_path / 'lambda.h5'
+  keras.Model(inputs, outputs).save(h5_path)
+  with pytest.raises(convert.ConversionError, match=r'Cannot read .*lambda.h5 as Keras'):
+    convert.read_keras_weights(str(h5_path), 'densenet121', 1000)
