@@ -16,6 +16,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 FOLDER_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+# Larger images are refused before decoding (a small file can declare a huge image that would
+# take all memory to decode): PIL's limit for decompression bombs, 89.5 megapixels.
+MAX_PIXELS = 89_478_485
 FOLDER_LAYOUT = 'ROOT/<split>/<class>/*.{png,jpg,jpeg}, e.g. ROOT/train/cat/0001.png'
 DIGITS_TEST_EXAMPLES = 360
 
@@ -98,10 +101,37 @@ def _image_files(directory: str) -> list:
                 if f.lower().endswith(FOLDER_EXTENSIONS) and not f.startswith('.'))
 
 
-def _class_dirs(directory: str) -> list:
+def _subdirs(directory: str) -> list:
   # Hidden directories (.ipynb_checkpoints, ...) are not classes.
   return sorted(d for d in os.listdir(directory)
                 if not d.startswith('.') and os.path.isdir(os.path.join(directory, d)))
+
+
+
+def display_path(path) -> str:
+  """A path as text that can always be printed (file names need not be UTF-8)."""
+  return os.fsencode(path).decode('utf-8', 'backslashreplace')
+
+
+def _check_subdirs(directory: str, classes) -> None:
+  """Class folders with no image, or with folders inside (not read), are errors naming them."""
+  empty, nested = [], []
+  for name in classes:
+    path = os.path.join(directory, name)
+    if not os.path.isdir(path):
+      continue
+    if _subdirs(path):
+      nested.append(display_path(path))
+    if not _image_files(path):
+      empty.append(display_path(path))
+  problems = []
+  if empty:
+    problems.append(f'class folders without a {"/".join(FOLDER_EXTENSIONS)} image: {empty}')
+  if nested:
+    problems.append(f'class folders holding folders, which are not read (the layout is one '
+                    f'folder per class, images directly inside): {nested}')
+  if problems:
+    raise ValueError(f'{display_path(directory)}: ' + '; '.join(problems) + '.')
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,17 +142,21 @@ def _folder_listing(root: str, train_split: str, split: str, field: str) -> tupl
   directory = os.path.join(root, split)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'{field}={split!r}: no directory {directory}. {layout}')
-  classes = _class_dirs(os.path.join(root, train_split))
-  unknown = sorted(set(_class_dirs(directory)) - set(classes))
+  classes = _subdirs(os.path.join(root, train_split))
+  unknown = sorted(set(_subdirs(directory)) - set(classes))
   if unknown:
     raise ValueError(f'{directory} has classes {unknown} that the training split '
                      f'{os.path.join(root, train_split)} does not have; the classes are the '
                      'subdirectories of the training split, and evaluation may only use them.')
+  if not classes:
+    raise FileNotFoundError(f'No class folders in {display_path(os.path.join(root, train_split))}. '
+                            f'{layout}')
+  _check_subdirs(directory, classes)
   paths, labels = [], []
   for label, name in enumerate(classes):
     if os.path.isdir(os.path.join(directory, name)):
       files = _image_files(os.path.join(directory, name))
-      paths += files
+      paths += [os.fsencode(f) for f in files]  # Bytes: names need not be valid UTF-8.
       labels += [label] * len(files)
   if not paths:
     raise FileNotFoundError(f'No images (*.png, *.jpg, *.jpeg) in class subdirectories of '
@@ -130,8 +164,32 @@ def _folder_listing(root: str, train_split: str, split: str, field: str) -> tupl
   return tuple(classes), np.array(paths), np.array(labels, np.int32)
 
 
+def _declared_pixels(contents: tf.Tensor) -> tf.Tensor:
+  """Height x width that a PNG's or JPEG's header declares (0 for other formats), read
+  without decoding."""
+  def png():
+    # IHDR: width and height, big-endian, at most 2^31 - 1 each (the PNG specification).
+    size = tf.io.decode_raw(tf.strings.substr(contents, 16, 8), tf.int32, little_endian=False)
+    return tf.cast(size[0], tf.int64) * tf.cast(size[1], tf.int64)
+
+  def jpeg():
+    shape = tf.cast(tf.image.extract_jpeg_shape(contents), tf.int64)
+    return shape[0] * shape[1]
+
+  magic = tf.strings.substr(contents, 0, 4)
+  return tf.case([(tf.equal(magic, b'\x89PNG'), png),
+                  (tf.equal(tf.strings.substr(magic, 0, 2), b'\xff\xd8'), jpeg)],
+                 default=lambda: tf.constant(0, tf.int64))
+
+
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+  contents = tf.io.read_file(path)
+  check = tf.debugging.assert_less_equal(
+      _declared_pixels(contents), tf.constant(MAX_PIXELS, tf.int64),
+      message=f'image larger than data_sources.MAX_PIXELS={MAX_PIXELS} pixels (a '
+      'decompression bomb?), refused before decoding')
+  with tf.control_dependencies([check]):
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
 
 def _unreadable_files(paths: np.ndarray) -> list:
@@ -145,7 +203,7 @@ def _unreadable_files(paths: np.ndarray) -> list:
   ds = ds.map(lambda i, path: (i, tf.shape(_decode_file(path))),
               num_parallel_calls=tf.data.AUTOTUNE)
   readable = {int(i) for i, _ in ds.ignore_errors().as_numpy_iterator()}
-  return [str(p) for i, p in enumerate(paths) if i not in readable]
+  return [display_path(p) for i, p in enumerate(paths) if i not in readable]
 
 
 class FolderSource:
@@ -165,7 +223,8 @@ class FolderSource:
       raise FileNotFoundError(f'config.dataset.data_dir={root}: no such directory. The folder '
                               f'dataset must be laid out as {FOLDER_LAYOUT}.')
     self._root, self._train_split = root, train_split
-    self.num_classes = len(self._listing(train_split, 'config.dataset.train_split')[0])
+    self.class_names = self._listing(train_split, 'config.dataset.train_split')[0]
+    self.num_classes = len(self.class_names)
 
   def _listing(self, split: str, field: str) -> tuple:
     return _folder_listing(self._root, self._train_split, split, field)

@@ -46,6 +46,8 @@ class DatasetInfo:
   num_eval_examples: int
   # (height, width, channels) of the images the model receives.
   image_shape: tuple
+  # Label i's class name, where the labels are made here (folder datasets); else None.
+  class_names: Optional[tuple] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +157,8 @@ def get_info(dataset_config: Any) -> DatasetInfo:
       num_classes=source.num_classes,
       num_train_examples=source.num_examples(spec.train_split, 'config.dataset.train_split'),
       num_eval_examples=source.num_examples(spec.eval_split, 'config.dataset.eval_split'),
-      image_shape=(spec.image_size, spec.image_size, source.channels))
+      image_shape=(spec.image_size, spec.image_size, source.channels),
+      class_names=getattr(source, 'class_names', None))
 
 
 def _epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple:

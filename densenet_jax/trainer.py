@@ -154,11 +154,13 @@ def _initialise(state, init_checkpoint: str, model):
   return state.replace(params=params, batch_stats=batch_stats)
 
 
-def run_description(config, model) -> Dict[str, Any]:
-  """What a checkpoint must agree with to be resumed: the network, and the optimizer fields
-  that change the train state's structure (saved with every checkpoint, checked on restore)."""
+def run_description(config, model, info: input_pipeline.DatasetInfo) -> Dict[str, Any]:
+  """What a checkpoint must agree with to be resumed (saved with every checkpoint, checked on
+  restore): the network, the optimizer fields that change the train state's structure, and the
+  classes where the labels are made here (a folder dataset: label i is the i-th class folder)."""
   return {'model': model_description(model), 'dataset': config.dataset.name,
-          'optimizer': optimization.state_description(config)}
+          'optimizer': optimization.state_description(config),
+          'labels': {'classes': list(info.class_names) if info.class_names else None}}
 
 
 def _restore(checkpointer, state, plan: Plan, model, run_info: Dict[str, Any],
@@ -168,7 +170,7 @@ def _restore(checkpointer, state, plan: Plan, model, run_info: Dict[str, Any],
 
   def check_run_info(saved_info):
     differing = []
-    for part in ('model', 'optimizer'):
+    for part in ('model', 'optimizer', 'labels'):
       if part not in saved_info:  # Written before this part was recorded: nothing to compare.
         continue
       saved, current = saved_info[part], run_info[part]
@@ -260,8 +262,11 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   logging.info('Initialised %d parameters in %.1f s.',
                sum(x.size for x in jax.tree.leaves(state.params)), time.perf_counter() - start)
   checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  run_info = run_description(config, model)
+  run_info = run_description(config, model, info)
   state = _restore(checkpointer, state, plan, model, run_info, config.init_checkpoint)
+  if info.class_names:  # Which class each output is, for whoever uses the trained model.
+    records.write_json(os.path.join(workdir, 'classes.json'),
+                       {'classes': dict(enumerate(info.class_names))})
   start_step = int(state.step)
   p_train, p_eval = train_lib.compile_steps(model, tx, schedule, config.label_smoothing,
                                             state_shardings, mesh)

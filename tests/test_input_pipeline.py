@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from densenet_jax import data_sources
 from densenet_jax import input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -272,7 +273,7 @@ def test_folder(tmp_path):
                                            'test': {'cat': 2, 'emu': 1}})
   config = folder_config(root)
   info = input_pipeline.get_info(config)
-  assert info == input_pipeline.DatasetInfo(3, 12, 3, (8, 8, 3))
+  assert info == input_pipeline.DatasetInfo(3, 12, 3, (8, 8, 3), ('cat', 'dog', 'emu'))
   train = list(input_pipeline.train_iterator(config, seed=0, local_batch_size=4, epoch=0))
   assert len(train) == 3 and train[0]['image'].shape == (4, 8, 8, 3)
   assert sorted(np.concatenate([b['label'] for b in train])) == [0] * 5 + [1] * 4 + [2] * 3
@@ -294,6 +295,36 @@ def test_folder_errors(tmp_path):
   config = folder_config(root)
   with pytest.raises(ValueError, match=f'Cannot read or decode.*{corrupt}'):
     list(input_pipeline.train_iterator(config, seed=0, local_batch_size=2, epoch=0))
+
+
+def test_folder_layout_errors_name_the_folders(tmp_path):
+  root = make_folder(tmp_path / 'empty', {'train': {'cat': 2, 'dog': 0, 'emu': 0},
+                                          'test': {'cat': 1}})
+  (root / 'train' / 'emu' / 'notes.txt').write_text('not an image')
+  with pytest.raises(ValueError, match=r"class folders without a .png/.jpg/.jpeg image: "
+                                       r"\['.*train/dog', '.*train/emu'\]"):
+    input_pipeline.get_info(folder_config(root))
+  root = make_folder(tmp_path / 'nested', {'train': {'cat': 2, 'dog': 2}, 'test': {'cat': 1}})
+  os.makedirs(root / 'train' / 'dog' / 'puppies')
+  with pytest.raises(ValueError, match=r"class folders holding folders.*train/dog'\]"):
+    input_pipeline.get_info(folder_config(root))
+
+
+def test_folder_non_utf8_names_and_oversized_images(tmp_path, monkeypatch):
+  root = make_folder(tmp_path / 'images', {'train': {'cat': 2, 'dog': 2}, 'test': {'cat': 1}})
+  odd = os.path.join(os.fsencode(root / 'train' / 'cat'), b'caf\xe9.png')
+  with open(odd, 'wb') as f:
+    f.write((root / 'train' / 'cat' / '0.png').read_bytes())
+  config = folder_config(root)
+  info = input_pipeline.get_info(config)
+  assert info.num_train_examples == 5
+  batches = list(input_pipeline.train_iterator(config, seed=0, local_batch_size=5, epoch=0))
+  assert batches[0]['image'].shape == (5, 8, 8, 3)
+  # Images are 10x12 = 120 pixels: over a limit of 100 they are refused, by name.
+  monkeypatch.setattr(data_sources, 'MAX_PIXELS', 100)
+  with pytest.raises(ValueError, match=r"(?s)Cannot read or decode.*caf\\\\xe9.png.*larger than "
+                                       r"data_sources.MAX_PIXELS=100"):
+    list(input_pipeline.train_iterator(config, seed=1, local_batch_size=5, epoch=0))
 
 
 # get_info's errors.

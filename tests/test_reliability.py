@@ -5,6 +5,7 @@ resumed parameters and final metrics must be bit-identical, since data order, au
 dropout are functions of the seed and the step.
 """
 
+import json
 import os
 import random
 import signal
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from densenet_jax import data_sources
 from densenet_jax import run_guard
 from densenet_jax import trainer
 from densenet_jax.validation import ConfigError
@@ -214,3 +216,21 @@ def test_bad_input_is_reported_before_compilation(tmp_path, overrides, error, ma
   with pytest.raises(error, match=match):
     trainer.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
   assert time.perf_counter() - start_time < 10
+
+
+def test_resume_with_other_classes_is_refused(tmp_path):
+  from test_input_pipeline import make_folder  # pylint: disable=g-import-not-at-top
+  root = make_folder(tmp_path / 'images', {'train': {'cat': 20, 'dog': 20}, 'test': {'cat': 4}})
+  fields = {'dataset.name': 'folder', 'dataset.data_dir': str(root), 'dataset.eval_split': 'test',
+            'dataset.mean': (0.5,) * 3, 'dataset.std': (0.25,) * 3, 'eval_batch_size': 8}
+  workdir = tmp_path / 'run'
+  trainer.train_and_evaluate(tiny_config(num_train_steps=2, **fields), str(workdir))
+  with open(workdir / 'classes.json') as f:
+    assert json.load(f) == {'classes': {'0': 'cat', '1': 'dog'}}
+  os.rename(root / 'train' / 'dog', root / 'train' / 'cow')  # Same count, other labels.
+  data_sources._folder_listing.cache_clear()  # pylint: disable=protected-access (a new process)
+  with pytest.raises(ConfigError, match=r"labels.classes: checkpoint \['cat', 'dog'\], config "
+                                        r"\['cat', 'cow'\]"):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=4, **fields), str(workdir))
+  with open(workdir / 'classes.json') as f:  # The run's own map is kept.
+    assert json.load(f) == {'classes': {'0': 'cat', '1': 'dog'}}
