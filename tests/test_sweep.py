@@ -12,6 +12,7 @@ import pytest
 
 from densenet_jax import feature_reuse
 from densenet_jax import hyper
+from densenet_jax import launchers
 from densenet_jax import report
 from densenet_jax import sweep
 from densenet_jax.models import create_model
@@ -166,7 +167,7 @@ def test_print_and_submitit_launchers_run_a_point(sweep_file, tmp_path):
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
   os.environ['PYTHONPATH'] = ROOT
   try:
-    failed = sweep.run_slurm(built, cluster='local', wait=True, timeout_min=10)
+    failed = launchers.run_slurm(built, cluster='local', wait=True, timeout_min=10)
   finally:
     os.environ.clear()
     os.environ.update(env)
