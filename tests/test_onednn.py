@@ -128,6 +128,35 @@ def test_bad_compiler_is_named(monkeypatch, tmp_path):
     onednn.build()
 
 
+def test_build_cache_is_keyed_and_trusted_only_when_private(monkeypatch, tmp_path):
+  if not onednn.available():
+    pytest.skip('no oneDNN here')
+  root = onednn._onednn_root()  # pylint: disable=protected-access
+  key = onednn.cache_key('g++', root)
+  monkeypatch.setattr(onednn, '_compiler_version', lambda compiler: 'g++ (Other) 99.1')
+  assert onednn.cache_key('g++', root) != key  # Another compiler version: another library.
+  monkeypatch.undo()
+
+  # Compiling is replaced by an empty file: what matters here is where build() puts it.
+  monkeypatch.setattr(onednn, '_compile', lambda command, tmp, compiler: None)
+  monkeypatch.setattr(onednn, '_private_dir', [])
+  shared = tmp_path / 'shared'
+  shared.mkdir()
+  planted = shared / f'onednn_conv-{key}.so'
+  planted.write_bytes(b'not ours')
+  planted.chmod(0o666)
+  assert 'writable by other users' in onednn.untrusted(planted)
+  monkeypatch.setenv('DENSENET_JAX_CACHE', str(shared))
+  built = onednn.build()
+  assert built.parent != shared and built.name == planted.name
+  assert onednn.untrusted(built) is None and oct(built.parent.stat().st_mode & 0o777) == '0o700'
+  # A cache directory that cannot be created falls back to the private directory too.
+  monkeypatch.setattr(onednn, '_private_dir', [])
+  (tmp_path / 'a_file').write_text('')
+  monkeypatch.setenv('DENSENET_JAX_CACHE', str(tmp_path / 'a_file' / 'cache'))
+  assert onednn.build().parent.name.startswith('densenet_jax-')
+
+
 def test_pointwise_accumulate_adds_in_place(use_onednn):
   """ops.pointwise_accumulate: acc + the 1x1 convolution, through oneDNN's sum post-op on the
   CPU, in a loop as the scanned layers sum their chunks; gradients as for the sum."""
