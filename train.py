@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from densenet_jax import checkpointing
 from densenet_jax import distributed
 from densenet_jax import run_guard
 from densenet_jax import trainer
@@ -58,6 +59,9 @@ def main(argv):
     # A mistake in the config: the message names the field; a traceback would only bury it.
     logging.error('%s', e)
     sys.exit(f'Config error: {e}')
+  except checkpointing.RestoreError as e:  # Checkpoints that cannot be read now; none moved.
+    logging.error('%s', e)
+    sys.exit(f'Restore error: {e}')
   except FloatingPointError as e:  # The loss diverged; the message says what to change.
     logging.error('%s', e)
     sys.exit(f'Training stopped: {e}')

@@ -7,21 +7,63 @@ batch, and the run's model description, so that a workdir is never resumed with 
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed in the middle of a write leaves the previous checkpoint as the latest one, and it deletes
-checkpoints beyond `keep` only after a newer one is complete. A checkpoint that is damaged all
-the same (a truncated file, a disk fault) is moved aside to WORKDIR/checkpoints_corrupt and the
-previous one is used, with a warning, instead of crashing or starting over.
+checkpoints beyond `keep` only after a newer one is complete.
+
+Restoring tells failures apart. A read that fails is retried with backoff; one that still fails
+with an I/O error of the transient kind (a timeout, EIO, a dropped connection) stops the run
+loudly and moves nothing. A checkpoint that fails otherwise (a truncated file, values that are
+not finite) is damaged only if an older checkpoint of the same run then restores: only then is
+it moved aside to WORKDIR/checkpoints_corrupt, with a warning, and the older one used. When no
+checkpoint restores, nothing is moved and the run stops with the errors.
 """
+
+import errno
 
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ECONNRESET,
+                     errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
+RETRY_SECONDS = (1.0, 4.0)  # Backoff between the attempts of a failing read.
+
+
+class RestoreError(RuntimeError):
+  """Checkpoints exist but cannot be read now; nothing was moved."""
+
+
+def is_transient(error: BaseException) -> bool:
+  """Whether `error` (or what caused it) is an I/O failure that may pass: retry, never move."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, (TimeoutError, ConnectionError)):
+      return True
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _with_retries(read: Callable[[], Any], what: str) -> Any:
+  """`read()`, tried again after each backoff in RETRY_SECONDS while it fails."""
+  for delay in RETRY_SECONDS + (None,):
+    try:
+      return read()
+    except Exception as e:  # pylint: disable=broad-except
+      if delay is None:
+        raise
+      logging.warning('Reading %s failed (%s: %s); retrying in %.0f s.', what,
+                      type(e).__name__, str(e)[:300], delay)
+      time.sleep(delay)
 
 
 class Checkpointer:
@@ -101,29 +143,51 @@ class Checkpointer:
 
     Returns:
       (state, input_position, run_info, step), or None when the workdir has no checkpoint.
+
+    Raises:
+      RestoreError: a transient I/O error outlasted the retries, or no checkpoint restores;
+        nothing was moved.
     """
-    for step in reversed(self.all_steps()):
+    steps = list(reversed(self.all_steps()))
+    failed: List[Tuple[int, Exception]] = []
+    for step in steps:
       try:
-        run_info = self.read_run_info(step)
+        run_info = _with_retries(lambda: self.read_run_info(step), f'checkpoint {step}')
       except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(step, e)
+        failed.append((step, self._not_transient(step, e)))
         continue
-      check_run_info(run_info)
+      check_run_info(run_info)  # Another model or optimizer: refused, never taken for damage.
       try:
-        state, position, run_info = self.restore(abstract_state, step)
+        state, position, run_info = _with_retries(
+            lambda: self.restore(abstract_state, step), f'checkpoint {step}')
       except Exception as e:  # pylint: disable=broad-except
-        # Orbax and TensorStore raise many types for a damaged checkpoint; any failure to read
-        # this step means: do not trust it, keep it for inspection, try the previous one.
-        self._quarantine(step, e)
+        # Orbax and TensorStore raise many types for a damaged checkpoint.
+        failed.append((step, self._not_transient(step, e)))
         continue
+      # An older checkpoint of this run restores: the newer ones that failed are damaged.
+      for bad_step, error in failed:
+        self._quarantine(bad_step, error)
       logging.info('Restored checkpoint of step %d from %s', step, self.directory)
       return state, position, run_info, step
+    if failed:
+      errors = '; '.join(f'{s}: {type(e).__name__}: {str(e)[:200]}' for s, e in failed)
+      raise RestoreError(f'No checkpoint in {self.directory} can be restored ({errors}). '
+                         'Nothing was moved.')
     return None
+
+  def _not_transient(self, step: int, error: Exception) -> Exception:
+    """`error`, unless it is a transient I/O error: then the run stops (RestoreError)."""
+    if is_transient(error):
+      raise RestoreError(
+          f'Checkpoint {step} in {self.directory} could not be read ({type(error).__name__}: '
+          f'{error}); the storage may be unavailable. Nothing was moved: rerun when it is '
+          'back.') from error
+    return error
 
   def _quarantine(self, step: int, error: Exception) -> None:
     target = os.path.join(self.workdir, 'checkpoints_corrupt', f'{step}-{int(time.time())}')
-    logging.warning('Checkpoint %d in %s is unreadable (%s: %s); moving it to %s and '
-                    'falling back to the previous checkpoint.', step, self.directory,
+    logging.warning('Checkpoint %d in %s is unreadable (%s: %s) while an older one restores; '
+                    'moving it to %s.', step, self.directory,
                     type(error).__name__, str(error)[:500], target)
     self._manager.close()
     if jax.process_index() == 0:

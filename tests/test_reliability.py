@@ -5,6 +5,7 @@ resumed parameters and final metrics must be bit-identical, since data order, au
 dropout are functions of the seed and the step.
 """
 
+import errno
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from densenet_jax import checkpointing
 from densenet_jax import data_sources
 from densenet_jax import run_guard
 from densenet_jax import trainer
@@ -145,6 +147,29 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted):
   assert f'Restored checkpoint of step {latest - 2}' in text
   assert os.listdir(os.path.join(workdir, 'checkpoints_corrupt'))
   assert_same_run(reference, workdir)
+
+
+@pytest.mark.parametrize('error, match', [
+    (OSError(errno.EIO, 'Input/output error'), r'Checkpoint 8 .* could not be read .*Nothing '
+                                               r'was moved'),
+    (ValueError('checksum mismatch'), r'No checkpoint .* can be restored \(8: ValueError: '
+                                      r'checksum mismatch; 4: .*Nothing was moved'),
+])
+def test_unreadable_checkpoints_are_never_moved_on_a_guess(tmp_path, monkeypatch, error, match):
+  """A transient I/O error, or a failure of every checkpoint (which says more about the
+  storage than the checkpoints), stops the run loudly; nothing is moved aside."""
+  trainer.train_and_evaluate(tiny_config(num_train_steps=8), str(tmp_path))
+  monkeypatch.setattr(checkpointing, 'RETRY_SECONDS', (0.0,))
+  calls = []
+
+  def failing_restore(self, abstract_state, step):
+    calls.append(step)
+    raise error
+  monkeypatch.setattr(checkpointing.Checkpointer, 'restore', failing_restore)
+  with pytest.raises(checkpointing.RestoreError, match=match):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=12), str(tmp_path))
+  assert calls[:2] == [8, 8]  # Retried before giving up.
+  assert steps_in(str(tmp_path)) == [4, 8] and not os.path.exists(tmp_path / 'checkpoints_corrupt')
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
