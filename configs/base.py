@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   # in the first block, or 48 where that pads the layers' inputs at least 5% less
   # (DenseNet-BC-100), and unless memory_efficient twice as many in each later block; on a GPU or
   # TPU one chunk as wide as the widest input, or when memory_efficient 128 in the first block
-  # and 4x as many in each later one (the same workspace in each; DenseNet.chunk_for).
+  # and 4x as many in each later one (the same workspace in each; models/policy.py).
   config.model.scan_chunk = config_dict.placeholder(int)
 
   config.dataset = ml_collections.ConfigDict()

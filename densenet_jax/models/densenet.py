@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from densenet_jax.models import efficient
 from densenet_jax.models import initializers
 from densenet_jax.models import ops
+from densenet_jax.models import policy
 from densenet_jax.models import scanned
 
 Array = jax.Array
@@ -239,7 +240,7 @@ class DenseNet(nn.Module):
       buffer (scanned.py); 0 unrolls every layer. Same variables either way.
     scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py)
       and of a memory-efficient transition (efficient.bn_relu_conv1x1_chunked); None picks
-      it for the platform and the model's layer widths (`chunk_for`).
+      it for the platform and the model's layer widths (`policy.scan_chunk`).
   """
 
   block_sizes: Sequence[int]
@@ -264,60 +265,9 @@ class DenseNet(nn.Module):
 
   def chunk_for(self, platform: str, block: int = 0) -> int:
     """Input channels per step of a scanned layer's first convolution in dense block `block`
-    (0-based) and the transition after it, on `platform` ('cpu', 'gpu', 'tpu'): `scan_chunk`
-    where set.
-
-    A layer of input width w works on ceil(w / chunk) whole chunks, the channels past w masked
-    to zero: its first convolution and BatchNorm do that padded work. Larger chunks mean fewer,
-    larger matrix products.
-
-    On a CPU with oneDNN, bottleneck layers take a fused call that reads exactly their width
-    (scanned_layer.py), so there the chunk serves layers without bottleneck, the
-    memory-efficient transitions, bfloat16 and CPUs without oneDNN; the figures below were
-    measured when every layer used chunks.
-
-    On a CPU: 48 channels in the first block where that pads the dense layers' inputs at least
-    5% less than 64 does, else 64, and in the standard mode twice as many in each later block,
-    whose maps have a quarter of the positions (a deep block's layers are wide and its chunks'
-    matrix products small: densenet121's third and fourth blocks made about 1300 oneDNN calls
-    per step, at 60-220 GFLOP/s, with 64 channels everywhere, against about 400 at peak). On 2
-    CPU cores (interleaved in one process, 10-12 rounds): densenet121 (batch 8) trained 6-7%
-    faster with 64/128/256/512 than with 64 in every block, 4% faster with 64/64/128/128 or
-    64/64/128/256; DenseNet-BC-100 (batch 64) about as fast with 48/96/192 as with 48 everywhere
-    (0.4-0.6%), and 8% slower with 64/128/256. The memory-efficient mode keeps one chunk in
-    every block: doubled, its compiled memory grew 4 MiB for densenet264 (batch 8, to 0.504x the
-    standard mode's, from 0.498x) and 8 MiB for DenseNet-BC L=250. With the same chunk in every
-    block: BC-100, whose layers' padded work is 1.22x their own with 64-channel chunks and 1.13x
-    with 48, trained 5-9% faster with 48; densenet121 (k=32: 1.06x with either) trained 6%
-    slower with 48, 14% slower with 32, 6% slower with 96.
-
-    Elsewhere each kernel launch costs more than padded arithmetic: one chunk as wide as the
-    widest input (every layer then runs on its whole buffer). The memory-efficient mode, whose
-    backward workspace follows the chunk, takes 128 channels in the first block and 4x as many
-    in each later one, whose maps have a quarter of the positions: the same workspace in every
-    block. On one H100 (batch 64, interleaved in one process) DenseNet-BC-100's standard mode
-    trained at 1793 img/s with one chunk, 1533 with 128 and 1309 with 48. Memory-efficient,
-    densenet121 trained at 1018 img/s with these chunks and at 721 with 128 in every block
-    (869 MiB compiled temp either way), 978 with 512 in every block (1106 MiB), against 1104
-    img/s (2024 MiB) for its standard mode; DenseNet-BC-100 at 1554 img/s with these chunks
-    and 1311 with 128 in every block (210 MiB either way), against 1608 (459 MiB) standard.
-    """
-    if self.scan_chunk is not None:
-      return self.scan_chunk
-    if platform != 'cpu':
-      if self.memory_efficient:
-        return 128 * 4 ** block
-      return max(c + n * self.growth_rate for c, n in zip(self.block_inputs, self.block_sizes))
-    growth = 1 if self.memory_efficient else 2
-    padded = {48: 0.0, 64: 0.0}
-    for i, (channels, num_layers) in enumerate(zip(self.block_inputs, self.block_sizes)):
-      area = 0.25 ** i   # each transition halves height and width
-      for j in range(num_layers):
-        width = channels + j * self.growth_rate
-        for first in padded:
-          chunk = first * growth ** i
-          padded[first] += area * -(-width // chunk) * chunk
-    return (48 if padded[48] <= 0.95 * padded[64] else 64) * growth ** block
+    (0-based) and the transition after it, on `platform`: `scan_chunk` where set, else the
+    execution policy's choice (policy.scan_chunk)."""
+    return policy.scan_chunk(self, platform, block)
 
   @property
   def block_inputs(self) -> Tuple[int, ...]:

@@ -197,7 +197,7 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   On every other platform the gradients are autodiff's, which GPU and TPU compilers run as
   their own gradient kernels without the 9 shifted copies of the output gradient. On one H100
   the two were within 4% of each other (DenseNet-BC-100, batch 64, 48-channel chunks: 47.3 ms
-  per step written out, 48.9 ms autodiff's); the GPU defaults (`DenseNet.chunk_for`) were
+  per step written out, 48.9 ms autodiff's); the GPU defaults (`policy.scan_chunk`) were
   measured with autodiff's.
   """
   return _conv_same_any(x, kernel)
