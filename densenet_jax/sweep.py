@@ -303,6 +303,9 @@ def main(argv):
     if _REPORT.value and write_report:
       from densenet_jax import report  # pylint: disable=g-import-not-at-top
       report.write_report(sweep.workdir)
+  except KeyboardInterrupt as e:
+    sys.exit(f'Sweep {e or "interrupted"}; the running point saved a checkpoint. Run the same '
+             'command to go on.')
   finally:
     lock.release()
   if failed:
