@@ -201,12 +201,13 @@ def test_train_and_eval_modes():
   model = tiny(dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3)) * 3 + 1
   variables = model.init(jax.random.key(0), x)
-  eval1 = model.apply(variables, x, train=False)
-  eval2 = model.apply(variables, x, train=False)
+  eval1 = _infer(model, variables, x)
+  eval2 = _infer(model, variables, x)
   np.testing.assert_array_equal(eval1, eval2)  # No dropout at eval time.
-  rngs = lambda i: {'dropout': jax.random.key(i)}
-  train1, upd = model.apply(variables, x, train=True, mutable=['batch_stats'], rngs=rngs(0))
-  train2, _ = model.apply(variables, x, train=True, mutable=['batch_stats'], rngs=rngs(1))
+  train = jax.jit(lambda i: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                        rngs={'dropout': jax.random.key(i)}))
+  train1, upd = train(0)
+  train2, _ = train(1)
   assert not np.allclose(train1, train2)  # Dropout differs with the key.
   # One update of the running mean: 0.9 * 0 + 0.1 * (batch mean of the layer's input).
   kernel = variables['params']['stem_conv']['kernel']
@@ -232,13 +233,12 @@ def _loss_and_grads(model, variables, x, dropout_key=None):
 def _assert_trains_as(other, standard, x, dropout_key=None):
   """`other` has `standard`'s variables, and computes its logits, gradients and BatchNorm
   updates in training and its logits in evaluation."""
-  variables = standard.init(jax.random.key(0), x)
+  variables, (logits_s, upd_s, grads_s), infer_s = _standard_results(standard, x, dropout_key)
   # Same variable tree, same initial values: checkpoints move freely between implementations.
   other_vars = other.init(jax.random.key(0), x)
   assert jax.tree.structure(variables) == jax.tree.structure(other_vars)
   jax.tree.map(np.testing.assert_array_equal, variables, other_vars)
 
-  logits_s, upd_s, grads_s = _loss_and_grads(standard, variables, x, dropout_key)
   logits_o, upd_o, grads_o = _loss_and_grads(other, variables, x, dropout_key)
   np.testing.assert_allclose(logits_o, logits_s, atol=1e-5)
   # Some gradients are tiny (the stem BatchNorm scale's, near 1e-5, sums that nearly cancel):
@@ -247,8 +247,22 @@ def _assert_trains_as(other, standard, x, dropout_key=None):
       a, b, atol=min(1e-5, 0.05 * float(np.abs(b).max())))
   jax.tree.map(close, grads_o, grads_s)
   jax.tree.map(close, upd_o, upd_s)
-  np.testing.assert_allclose(_infer(other, variables, x), _infer(standard, variables, x),
-                             atol=1e-5)
+  np.testing.assert_allclose(_infer(other, variables, x), infer_s, atol=1e-5)
+
+
+_STANDARD = {}
+
+
+def _standard_results(standard, x, dropout_key):
+  """The standard model's variables, training and inference results, computed once per model
+  and input for all the implementations compared with it."""
+  key = (standard, x.shape, np.asarray(x).tobytes(), None if dropout_key is None else
+         np.asarray(jax.random.key_data(dropout_key)).tobytes())
+  if key not in _STANDARD:
+    variables = standard.init(jax.random.key(0), x)
+    _STANDARD[key] = (variables, _loss_and_grads(standard, variables, x, dropout_key),
+                      _infer(standard, variables, x))
+  return _STANDARD[key]
 
 
 @functools.partial(jax.jit, static_argnums=0)
