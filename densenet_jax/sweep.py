@@ -277,6 +277,9 @@ def main(argv):
     sweep = build_sweep(config_arg, _CONFIG.value, _WORKDIR.value, common, devices, processes)
   except SweepError as e:
     sys.exit(f'Sweep config error: {e}')
+  if _LAUNCHER.value != 'print' and not os.path.isfile(TRAIN_PY):
+    sys.exit(f'Sweep error: the points run {TRAIN_PY}, which does not exist: run the sweep from '
+             'a checkout of densenet_jax installed with `pip install -e .`.')
   if _LAUNCHER.value == 'print':
     for point in sweep.points:
       print(shlex.join(['python', 'train.py'] + sweep.command(point)[2:]))
