@@ -23,6 +23,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from densenet_jax import checkpointing
+from densenet_jax import cli
 from densenet_jax import distributed
 from densenet_jax import run_guard
 from densenet_jax import trainer
@@ -68,4 +69,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -36,6 +36,7 @@ from absl import logging
 import jax
 from ml_collections.config_flags import config_flags
 
+from densenet_jax import cli
 from densenet_jax import launchers
 from densenet_jax import records
 from densenet_jax import run_guard
@@ -319,4 +320,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

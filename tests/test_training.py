@@ -225,6 +225,14 @@ def test_quickstart_model_learns(tmp_path):
   assert results(workdir)['eval_top1'] > 0.8, results(workdir)
 
 
+def test_unknown_config_flag_is_one_line(tmp_path):
+  out, _ = train_py(str(tmp_path / 'run'), '--config.model.growth_rte=6').communicate(timeout=300)
+  assert 'Traceback' not in out, out[-3000:]
+  assert out.strip().splitlines()[-1] == (
+      "Config error: --config.model.growth_rte: no such config field (did you mean "
+      "'growth_rate'?).")
+
+
 def test_eval_only_without_a_checkpoint_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r'config.eval_only=True: .* has no checkpoint'):
     trainer.train_and_evaluate(tiny_config(eval_only=True), str(tmp_path / 'fresh'))
