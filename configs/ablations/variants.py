@@ -12,7 +12,8 @@ without ('densenet_cifar').
 
 Default ('full'): L in {40, 100} without and {100, 250} with the bottleneck (the paper's
 Table 2 depths; 8 runs of 300 epochs). ':cpu': L in {10, 22} without and {16, 28} with the
-bottleneck, 1,200 steps each (8 runs, about an hour on 2 CPU cores).
+bottleneck, 1,200 steps each (8 runs; not yet timed on a 2-core CPU, where the
+growth-compression study's 6 runs took 66 minutes).
 """
 
 from configs import cifar_base
