@@ -89,9 +89,7 @@ def collect(sweep_dir: str) -> List[Dict[str, Any]]:
     results = records.read_json(os.path.join(run_dir, records.RESULTS))
     progress = records.read_json(os.path.join(run_dir, records.PROGRESS)) or {}
     record = {**progress, **(results or {})}
-    status = point.get('state') or ('done' if results else 'incomplete')
-    if results is not None:
-      status = 'done'
+    status = 'done' if results is not None else (point.get('state') or 'incomplete')
     scalars = read_scalars(run_dir) if os.path.isdir(run_dir) else {}
     top1 = scalars.get('eval_top1', {})
     row = {'name': point['name'], **point.get('overrides', {}),
