@@ -38,6 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.stem = config_dict.placeholder(str)
   # Dropout after every convolution but the stem's; the paper uses 0.2 without augmentation.
   config.model.dropout_rate = config_dict.placeholder(float)
+  # What follows every BatchNorm: 'relu' (the paper's, and the default), 'silu' or 'gelu'.
+  config.model.activation = config_dict.placeholder(str)
   # Classifier size; None: the number of classes of the dataset.
   config.model.num_classes = config_dict.placeholder(int)
   # BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5) and decay (Flax convention: 0.9).

@@ -2,9 +2,9 @@
 
 import functools
 import re
-from unittest import mock
 
 import jax
+from jax import export
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,14 +161,18 @@ def test_scan_chunk_on_accelerators_is_one_chunk_or_a_fixed_workspace():
   assert efficient.chunk_for('cpu', 3) == 64   # one CPU chunk in every block: memory
   assert create_model('densenet121', scan_chunk=32).chunk_for('gpu', 2) == 32
 
-  def chunk_slices(block, **overrides):
-    """The channel widths of `block`'s arrays in a memory-efficient GPU-platform trace (the
-    chunk is picked when the model is traced)."""
+  def chunk_slices(block, platform='cuda', **overrides):
+    """The channel widths of `block`'s arrays in the memory-efficient model's inference step,
+    lowered for `platform` here, on a CPU host: the chunk is the lowering platform's, not the
+    host's."""
     model = create_model('densenet_bc100_k12', memory_efficient=True, **overrides)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
-    with mock.patch.object(jax, 'default_backend', return_value='gpu'):
-      text = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).as_text()
+    step = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    if platform == 'cpu':   # the host's own platform; export refuses oneDNN's custom calls
+      text = step.lower(variables, x).as_text()
+    else:
+      text = export.export(step, platforms=(platform,))(variables, x).mlir_module()
     size = 32 >> block
     return set(re.findall(rf'tensor<2x{size}x{size}x(\d+)xf32>', text))
   # Block 1 (32x32) reads 128-channel chunks; block 3 (8x8, widths up to 342) and the
@@ -176,6 +180,8 @@ def test_scan_chunk_on_accelerators_is_one_chunk_or_a_fixed_workspace():
   assert '128' in chunk_slices(0)
   assert '128' not in chunk_slices(2)
   assert '128' in chunk_slices(2, scan_chunk=128)
+  # Lowered for the CPU, the same model reads the CPU's chunks (48 channels here).
+  assert '128' not in chunk_slices(0, 'cpu')
 
 
 def test_initialisation():
@@ -270,44 +276,58 @@ def _infer(model, variables, x):
   return model.apply(variables, x)
 
 
-# (memory_efficient, scan_segments[, scan_chunk]): unrolled memory-efficient, and scanned blocks
-# of 1 segment (every layer padded to the block's width) and of several segments, with layers
-# reading the buffer in one chunk (default 64: wider than these tiny blocks) or several.
-IMPLEMENTATIONS = [(True, 0), (False, 1), (False, 3), (True, 2), (False, 2, 8), (True, 3, 5)]
-# The standard implementation: every layer unrolled, autodiff stores what it needs.
+# Every way of computing a dense block, against the unrolled standard one: (memory_efficient,
+# scan_segments, scan_chunk, fused). Scanned blocks of one segment (every layer padded to the
+# block's width) and of several; layers reading the buffer in one chunk (64: wider than these
+# tiny blocks) or several, the last overlapping; oneDNN's fused first unit allowed (on a CPU
+# with oneDNN it is taken where it applies) or turned off (the chunked path of GPUs and TPUs).
+PATHS = {
+    'unrolled-memory-efficient': (True, 0, 5, True),
+    'scanned': (False, 1, 64, True),
+    'scanned-segments-chunks': (False, 3, 8, True),
+    'scanned-chunked': (False, 2, 8, False),
+    'scanned-memory-efficient': (True, 2, 64, True),
+    'scanned-memory-efficient-chunked': (True, 3, 5, False),
+}
+# The layers compared: the paper's (ReLU, no dropout), and each non-default activation with
+# dropout on, with and without bottleneck.
+LAYERS = {
+    'relu-bottleneck': dict(activation='relu', dropout_rate=0.0, bottleneck=True),
+    'relu-plain': dict(activation='relu', dropout_rate=0.0, bottleneck=False),
+    'silu-dropout-bottleneck': dict(activation='silu', dropout_rate=0.5, bottleneck=True),
+    'gelu-dropout-plain': dict(activation='gelu', dropout_rate=0.5, bottleneck=False),
+}
 
 
-@pytest.mark.parametrize('bottleneck', [True, False])
-@pytest.mark.parametrize('implementation', IMPLEMENTATIONS)
-def test_implementations_equal_standard(bottleneck, implementation):
-  """Every implementation of a dense block computes the standard one's logits, gradients and
-  BatchNorm updates, from the very same variables. (The memory-efficient ones also run their
-  transitions in chunks: one chunk of 64, or of 5 channels, the last overlapping.)"""
-  memory_efficient, scan_segments, scan_chunk = (implementation + (64,))[:3]
-  overrides = dict(bottleneck=bottleneck, depth=28 if bottleneck else 16)
-  standard = tiny(scan_segments=0, **overrides)
+@pytest.mark.parametrize('variant', LAYERS)
+@pytest.mark.parametrize('path', PATHS)
+def test_every_path_computes_the_same_layer(path, variant):
+  """One definition of the layer (models/layer.py): every implementation computes the unrolled
+  standard block's logits, gradients and BatchNorm updates from the very same variables, for
+  any activation, and with dropout draws the very same masks for one seed. The memory-efficient
+  paths also run their transitions in chunks (of 64, or of 5 channels, the last overlapping)."""
+  memory_efficient, scan_segments, scan_chunk, fused = PATHS[path]
+  bottleneck = LAYERS[variant]['bottleneck']
+  fields = dict(depth=28 if bottleneck else 16, **LAYERS[variant])
+  standard = tiny(scan_segments=0, **fields)
   other = tiny(memory_efficient=memory_efficient, scan_segments=scan_segments,
-               scan_chunk=scan_chunk, **overrides)
-  _assert_trains_as(other, standard, jax.random.normal(jax.random.key(1), (4, 16, 16, 3)))
-
-
-@pytest.mark.parametrize('implementation', [(False, 1), (True, 3, 5)])
-def test_chunked_bottleneck_layers_equal_standard(implementation):
-  """On a CPU with oneDNN the scanned bottleneck layers take the fused call
-  (test_implementations_equal_standard covers it); GPUs and TPUs read the buffer in chunks.
-  This runs that chunked path here, the fused call turned off, against the standard layers."""
-  memory_efficient, scan_segments, scan_chunk = (implementation + (64,))[:3]
-  standard = tiny(scan_segments=0, depth=28)
-  other = tiny(memory_efficient=memory_efficient, scan_segments=scan_segments,
-               scan_chunk=scan_chunk, depth=28)
+               scan_chunk=scan_chunk, **fields)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  onednn.set_bottleneck_enabled(False)
+  key = jax.random.key(3) if fields['dropout_rate'] else None
+  onednn.set_bottleneck_enabled(fused)
   try:
-    assert 'densenet_onednn_bottleneck' not in _lowered_train_gradient(
+    _assert_trains_as(other, standard, x, dropout_key=key)
+    # The fused call computes ReLU bottleneck layers only, and is taken only for them.
+    calls_fused = 'densenet_onednn_bottleneck' in _lowered_train_gradient(
         other, x.shape).as_text()
-    _assert_trains_as(other, standard, x)
+    assert calls_fused == (fused and scan_segments > 0 and bottleneck and
+                           fields['activation'] == 'relu' and onednn.available())
   finally:
     onednn.set_bottleneck_enabled(True)
+  if key is not None:   # dropout is on: another seed drops other values
+    other_logits = _loss_and_grads(standard, _standard_results(standard, x, key)[0], x,
+                                   jax.random.key(4))[0]
+    assert not np.allclose(other_logits, _standard_results(standard, x, key)[1][0])
 
 
 @pytest.mark.parametrize('implementation', [(True, 0), (True, 2, 5)])
@@ -321,16 +341,6 @@ def test_memory_efficient_imagenet_stem_equals_standard(implementation):
                        scan_segments=scan_segments, scan_chunk=scan_chunk, **overrides)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3)) * 2 + 0.5
   _assert_trains_as(other, standard, x)
-
-
-def test_memory_efficient_dropout_equals_standard():
-  """With dropout, a memory-efficient transition pools after its convolution and dropout, as
-  the paper orders them, and draws the standard transition's mask."""
-  standard = tiny(depth=16, bottleneck=False, dropout_rate=0.5, scan_segments=0)
-  other = tiny(depth=16, bottleneck=False, dropout_rate=0.5, scan_segments=0,
-               memory_efficient=True, scan_chunk=5)
-  _assert_trains_as(other, standard, jax.random.normal(jax.random.key(1), (4, 16, 16, 3)),
-                    dropout_key=jax.random.key(3))
 
 
 def test_scanned_dropout():
@@ -374,7 +384,8 @@ def _lowered_train_gradient(model, image_shape):
 
   def loss(params, batch_stats, images):
     logits, _ = model.apply({'params': params, 'batch_stats': batch_stats},
-                            images, train=True, mutable=['batch_stats'])
+                            images, train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.key(0)})
     return jnp.sum(logits)
 
   return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from densenet_jax.models import efficient
 from densenet_jax.models import initializers
+from densenet_jax.models import layer
 from densenet_jax.models import ops
 from densenet_jax.models import policy
 from densenet_jax.models import scanned
@@ -30,27 +31,10 @@ STEMS = ('imagenet', 'cifar')
 conv_kernel_init = initializers.conv_kernel_init
 
 
-def _bn_relu(x: Array, train: bool, name: str, epsilon: float, momentum: float,
-             dtype: Dtype) -> Array:
-  """BatchNorm then ReLU: the pre-activation before every convolution. Call inside compact."""
-  x = nn.BatchNorm(
-      use_running_average=not train,
-      momentum=momentum,
-      epsilon=epsilon,
-      dtype=dtype,
-      name=name,
-  )(x)
-  return nn.relu(x)
-
-
 class Conv1x1(nn.Module):
-  """A bias-free 1x1 convolution computed as a matrix product over the channels.
-
-  The kernel has `nn.Conv`'s name and shape [1, 1, in, out], so checkpoints are those of a
-  convolution. XLA lowered the gradient of a 1x1 *convolution* on CPU to generic convolution
-  kernels, 5-10x slower than the same product written as a matmul; as a product (`ops.pointwise`)
-  both gradients are plain matrix products on every backend.
-  """
+  """A bias-free 1x1 convolution computed as a matrix product over the channels (`ops.pointwise`,
+  oneDNN's on a CPU). The kernel has `nn.Conv`'s name and shape [1, 1, in, out], so checkpoints
+  are those of a convolution."""
 
   features: int
   dtype: Dtype = jnp.float32
@@ -81,140 +65,107 @@ class Conv(nn.Module):
     return ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
 
 
-def _conv(features: int, size: int, dtype: Dtype, name: str, strides: int = 1,
-          padding: Optional[int] = None) -> nn.Module:
-  """A bias-free convolution with PyTorch-style symmetric padding (size // 2 by default)."""
-  if size == 1 and strides == 1:
-    return Conv1x1(features, dtype=dtype, name=name)
-  pad = size // 2 if padding is None else padding
-  return Conv(features, size, strides, pad, dtype=dtype, name=name)
-
-
 class DenseLayer(nn.Module):
-  """One layer of a dense block: [BN-ReLU-Conv1x1] then BN-ReLU-Conv3x3 to `growth_rate` maps.
+  """One layer of a dense block: [BN-act-Conv1x1] then BN-act-Conv3x3 to `growth_rate` maps,
+  dropout after each convolution; the math is `layer.py`'s, set by `spec`.
 
   The layer takes the *list* of feature maps produced so far in its block rather than their
   concatenation, so that the memory-efficient mode can rebuild the concatenation in the backward
   pass instead of storing it (Pleiss et al., "Memory-Efficient Implementation of DenseNets").
 
   Attributes:
-    growth_rate: k, the number of feature maps this layer adds.
-    bn_size: the bottleneck 1x1 convolution produces `bn_size * growth_rate` maps.
-    bottleneck: whether to use the 1x1 bottleneck (DenseNet-B); without it the layer is
-      BN-ReLU-Conv3x3 on the concatenated input.
-    dropout_rate: dropout after each convolution of the layer (the paper's placement).
-    memory_efficient: recompute concatenation, first BN, ReLU and first convolution in the
-      backward pass instead of storing them.
+    spec: the layer's definition (growth rate, bottleneck, activation, dropout, BatchNorm).
+    memory_efficient: recompute concatenation, first BN, activation and first convolution in
+      the backward pass instead of storing them (efficient.py).
   """
 
-  growth_rate: int
-  bn_size: int = 4
-  bottleneck: bool = True
-  dropout_rate: float = 0.0
+  spec: layer.Spec
   memory_efficient: bool = False
-  bn_epsilon: float = 1e-5
-  bn_momentum: float = 0.9
-  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], train: bool) -> Array:
-    first_out = self.bn_size * self.growth_rate if self.bottleneck else self.growth_rate
-    first_size = 1 if self.bottleneck else 3
+  def __call__(self, features: Sequence[Array], train: bool, key=None) -> Array:
+    """`key`: the layer's raw dropout key (`layer.block_keys`), None without dropout."""
+    spec, initializing = self.spec, self.is_initializing()
+    first_key, second_key = layer.unit_keys(key)
     if self.memory_efficient:
-      y = efficient.concat_bn_relu_conv(
-          features, out_features=first_out, kernel_size=first_size, train=train,
-          epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
-          kernel_init=conv_kernel_init, norm_name='norm1', conv_name='conv1',
-          initializing=self.is_initializing())
+      y = layer.dropout(spec, efficient.recomputed_first_unit(
+          spec, features, train=train, kernel_init=conv_kernel_init, norm_name='norm1',
+          conv_name='conv1', initializing=initializing), first_key)
     else:
-      x = jnp.concatenate(features, axis=-1)
-      x = _bn_relu(x, train, 'norm1', self.bn_epsilon, self.bn_momentum, self.dtype)
-      y = _conv(first_out, first_size, self.dtype, name='conv1')(x)
-    y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-    if self.bottleneck:
-      y = _bn_relu(y, train, 'norm2', self.bn_epsilon, self.bn_momentum, self.dtype)
-      y = _conv(self.growth_rate, 3, self.dtype, name='conv2')(y)
-      y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+      y = layer.unit(spec, jnp.concatenate(features, axis=-1), features=spec.first_features,
+                     size=spec.first_size, train=train, key=first_key, norm_name='norm1',
+                     conv_name='conv1', kernel_init=conv_kernel_init, initializing=initializing)
+    if spec.bottleneck:
+      y = layer.unit(spec, y, features=spec.growth_rate, size=3, train=train, key=second_key,
+                     norm_name='norm2', conv_name='conv2', kernel_init=conv_kernel_init,
+                     initializing=initializing)
     return y
 
 
 class DenseBlock(nn.Module):
   """`num_layers` dense layers; each sees the concatenation of the block input and all earlier
-  layers' outputs. Returns that concatenation, with `in + num_layers * growth_rate` maps."""
+  layers' outputs. Returns that concatenation, with `in + num_layers * growth_rate` maps.
 
+  Unrolled (`scan_segments=0`) every layer is a `DenseLayer`; scanned, the layers run as loops
+  over one feature buffer (scanned.py) with the same variables, the same math and the same
+  dropout masks. `chunks`: the execution policy's chunk sizes (policy.py).
+  """
+
+  spec: layer.Spec
   num_layers: int
-  growth_rate: int
-  bn_size: int = 4
-  bottleneck: bool = True
-  dropout_rate: float = 0.0
   memory_efficient: bool = False
-  bn_epsilon: float = 1e-5
-  bn_momentum: float = 0.9
-  dtype: Dtype = jnp.float32
   scan_segments: int = 0
-  scan_chunk: int = 64
+  chunks: policy.Chunks = policy.Chunks(64, 64)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
+    keys = layer.block_keys(self, self.spec, self.num_layers, train)
     if self.scan_segments:
       return scanned.scanned_block(
-          self, x, num_layers=self.num_layers, growth_rate=self.growth_rate,
-          bn_size=self.bn_size, bottleneck=self.bottleneck, dropout_rate=self.dropout_rate,
-          epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
-          kernel_init=conv_kernel_init, num_segments=self.scan_segments,
-          memory_efficient=self.memory_efficient, train=train, chunk=self.scan_chunk)
+          self, x, self.spec, keys, num_layers=self.num_layers, kernel_init=conv_kernel_init,
+          num_segments=self.scan_segments, memory_efficient=self.memory_efficient, train=train,
+          chunks=self.chunks)
     features = [x]
     for i in range(self.num_layers):
-      y = DenseLayer(
-          growth_rate=self.growth_rate,
-          bn_size=self.bn_size,
-          bottleneck=self.bottleneck,
-          dropout_rate=self.dropout_rate,
-          memory_efficient=self.memory_efficient,
-          bn_epsilon=self.bn_epsilon,
-          bn_momentum=self.bn_momentum,
-          dtype=self.dtype,
-          name=f'layer{i + 1}',
-      )(features, train)
+      y = DenseLayer(self.spec, self.memory_efficient, name=f'layer{i + 1}')(
+          features, train, None if keys is None else keys[i])
       features.append(y)
     return jnp.concatenate(features, axis=-1)
 
 
 class Transition(nn.Module):
-  """Between dense blocks: BN-ReLU-Conv1x1 to `out_features` maps, then 2x2 average pooling.
+  """Between dense blocks: BN-act-Conv1x1 to `out_features` maps, then 2x2 average pooling.
 
-  The memory-efficient mode runs BN-ReLU-Conv1x1 `chunk` input channels at a time and
-  recomputes it in the backward pass (`efficient.bn_relu_conv1x1_chunked`); same variables.
+  The memory-efficient mode runs BN-act-Conv1x1 chunk by chunk of input channels and
+  recomputes it in the backward pass (`efficient.chunked_transition`); same variables.
   """
 
+  spec: layer.Spec
   out_features: int
-  dropout_rate: float = 0.0
-  bn_epsilon: float = 1e-5
-  bn_momentum: float = 0.9
-  dtype: Dtype = jnp.float32
   memory_efficient: bool = False
-  chunk: int = 64
+  chunks: policy.Chunks = policy.Chunks(64, 64)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    dropout = train and self.dropout_rate > 0
+    spec = self.spec
+    dropout = train and spec.dropout_rate > 0
     # A 1x1 convolution and an average pool commute. Pooling first runs the convolution on a
     # quarter of the positions and leaves its gradient a quarter-size input to keep. Dropout
     # acts on the convolution's full-resolution output, as in the paper, so it pools last.
     pool_first = not dropout
     if self.memory_efficient:
-      y = efficient.bn_relu_conv1x1_chunked(
-          x, out_features=self.out_features, pool=pool_first, train=train,
-          epsilon=self.bn_epsilon, momentum=self.bn_momentum, dtype=self.dtype,
-          kernel_init=conv_kernel_init, chunk=self.chunk, norm_name='norm', conv_name='conv',
+      y = efficient.chunked_transition(
+          spec, x, out_features=self.out_features, pool=pool_first, train=train,
+          kernel_init=conv_kernel_init, chunks=self.chunks, norm_name='norm', conv_name='conv',
           initializing=self.is_initializing())
     else:
-      x = _bn_relu(x, train, 'norm', self.bn_epsilon, self.bn_momentum, self.dtype)
-      y = _conv(self.out_features, 1, self.dtype, name='conv')(ops.avg_pool2(x) if pool_first
-                                                               else x)
+      x = layer.norm_activation(spec, x, train=train, name='norm',
+                                initializing=self.is_initializing())
+      y = Conv1x1(self.out_features, dtype=spec.dtype, name='conv')(
+          ops.avg_pool2(x) if pool_first else x)
     if pool_first:
       return y
-    return ops.avg_pool2(nn.Dropout(self.dropout_rate, deterministic=False)(y))
+    return ops.avg_pool2(layer.dropout(spec, y, self.make_rng('dropout')))
 
 
 class DenseNet(nn.Module):
@@ -229,6 +180,8 @@ class DenseNet(nn.Module):
     num_init_features: maps produced by the stem; None means 2 * growth_rate.
     stem: 'imagenet' (7x7/2 conv, BN, ReLU, 3x3/2 max pool) or 'cifar' (one 3x3 conv).
     dropout_rate: dropout after every convolution except the stem's, as in the paper.
+    activation: what follows every BatchNorm: 'relu' (the paper's), 'silu' or 'gelu'
+      (layer.ACTIVATIONS).
     num_classes: size of the classifier.
     bn_epsilon: BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5).
     bn_momentum: BatchNorm running-average decay in Flax's convention (torchvision's
@@ -239,7 +192,7 @@ class DenseNet(nn.Module):
     scan_segments: run each dense block as at most this many scanned loops over one feature
       buffer (scanned.py); 0 unrolls every layer. Same variables either way.
     scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py)
-      and of a memory-efficient transition (efficient.bn_relu_conv1x1_chunked); None picks
+      and of a memory-efficient transition (efficient.chunked_transition); None picks
       it for the platform and the model's layer widths (`policy.scan_chunk`).
   """
 
@@ -251,6 +204,7 @@ class DenseNet(nn.Module):
   num_init_features: Optional[int] = None
   stem: str = 'imagenet'
   dropout_rate: float = 0.0
+  activation: str = 'relu'
   num_classes: int = 1000
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
@@ -283,41 +237,39 @@ class DenseNet(nn.Module):
       return self.num_init_features
     return 2 * self.growth_rate
 
+  @property
+  def layer_spec(self) -> layer.Spec:
+    """The definition of this network's dense layers (and its BN-activation everywhere)."""
+    return layer.Spec(self.growth_rate, self.bn_size, self.bottleneck, float(self.dropout_rate),
+                      self.activation, float(self.bn_epsilon), float(self.bn_momentum),
+                      jnp.dtype(self.dtype))
+
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
     """Maps images [batch, height, width, channels] to float32 logits [batch, num_classes]."""
-    common = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum, dtype=self.dtype)
+    spec, initializing = self.layer_spec, self.is_initializing()
     x = jnp.asarray(images, self.dtype)
     if self.stem == 'imagenet' and self.memory_efficient:
       x = efficient.recomputed_imagenet_stem(
-          x, features=self.stem_features, train=train, epsilon=self.bn_epsilon,
-          momentum=self.bn_momentum, dtype=self.dtype, kernel_init=conv_kernel_init,
-          conv_name='stem_conv', norm_name='stem_norm', initializing=self.is_initializing())
+          spec, x, features=self.stem_features, train=train, kernel_init=conv_kernel_init,
+          conv_name='stem_conv', norm_name='stem_norm', initializing=initializing)
     elif self.stem == 'imagenet':
-      x = _conv(self.stem_features, 7, self.dtype, name='stem_conv', strides=2)(x)
-      x = _bn_relu(x, train, 'stem_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
+      x = Conv(self.stem_features, 7, strides=2, padding=3, dtype=self.dtype,
+               name='stem_conv')(x)
+      x = layer.norm_activation(spec, x, train=train, name='stem_norm',
+                                initializing=initializing)
       x = ops.max_pool(x, window=3, stride=2, padding=1)
     else:
-      x = _conv(self.stem_features, 3, self.dtype, name='stem_conv')(x)
+      x = Conv(self.stem_features, 3, padding=1, dtype=self.dtype, name='stem_conv')(x)
     for i, num_layers in enumerate(self.block_sizes):
-      chunk = self.chunk_for(jax.default_backend(), i)   # the block's and its transition's
-      x = DenseBlock(
-          num_layers=num_layers,
-          growth_rate=self.growth_rate,
-          bn_size=self.bn_size,
-          bottleneck=self.bottleneck,
-          dropout_rate=self.dropout_rate,
-          memory_efficient=self.memory_efficient,
-          scan_segments=self.scan_segments,
-          scan_chunk=chunk,
-          name=f'block{i + 1}',
-          **common,
-      )(x, train)
+      chunks = policy.chunks(self, i)   # the block's and its transition's
+      x = DenseBlock(spec, num_layers, memory_efficient=self.memory_efficient,
+                     scan_segments=self.scan_segments, chunks=chunks, name=f'block{i + 1}')(
+                         x, train)
       if i + 1 < len(self.block_sizes):
-        x = Transition(self.block_inputs[i + 1], self.dropout_rate,
-                       memory_efficient=self.memory_efficient, chunk=chunk,
-                       name=f'transition{i + 1}', **common)(x, train)
-    x = _bn_relu(x, train, 'final_norm', self.bn_epsilon, self.bn_momentum, self.dtype)
+        x = Transition(spec, self.block_inputs[i + 1], memory_efficient=self.memory_efficient,
+                       chunks=chunks, name=f'transition{i + 1}')(x, train)
+    x = layer.norm_activation(spec, x, train=train, name='final_norm', initializing=initializing)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, bias_init=nn.initializers.zeros, dtype=self.dtype,
                  name='classifier')(x)
@@ -351,6 +303,8 @@ def validate_fields(model: DenseNet) -> None:
     fail('stem', f'one of {STEMS}')
   if not isinstance(model.dropout_rate, (int, float)) or not 0 <= model.dropout_rate < 1:
     fail('dropout_rate', 'a number in [0, 1)')
+  if model.activation not in layer.ACTIVATIONS:
+    fail('activation', f'one of {tuple(layer.ACTIVATIONS)}')
   if not is_int(model.scan_segments) or model.scan_segments < 0:
     fail('scan_segments', 'a non-negative integer (0: unrolled layers)')
   if model.scan_chunk is not None and (not is_int(model.scan_chunk) or model.scan_chunk <= 0):

@@ -20,8 +20,7 @@ def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
   out as two plain matrix products: the input gradient against a materialised transposed
   kernel, the kernel gradient over the flattened positions. Autodiff's versions contract the
   4-D input over three axes, which XLA:CPU lowers with a transposed copy of the whole input per
-  layer; written out, DenseNet-BC-100's train step (batch 64) ran 7-13% faster on 2 CPU cores
-  (measured interleaved in one process), densenet121's no slower.
+  layer (docs/design.md, "Gradients written out for XLA:CPU").
 
   Args:
     x: [batch, height, width, in].
@@ -180,25 +179,19 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'same' convolution, NHWC input and HWIO kernel of odd size.
 
   On a CPU, float32, it and both its gradients are oneDNN's convolutions where oneDNN is
-  built (densenet_jax/native/onednn.py): XLA:CPU's ran at a third to a half of the cores'
-  arithmetic rate. With them DenseNet-BC-100's train step (batch 64) ran 19% faster and
-  densenet121's (batch 8) 9%, measured interleaved in one process on 2 cores.
+  built (densenet_jax/native/onednn.py): XLA:CPU's own run at a fraction of the cores'
+  arithmetic rate.
 
   Without oneDNN the gradients are written out, with the values of autodiff; the reason is
   XLA:CPU. Inside a loop body (a `lax.scan`) it leaves autodiff's transposed convolutions in
-  their non-canonical form and runs them with a generic emitter, 10x (input gradient) to 40x
-  (kernel gradient) slower than the same convolutions outside a loop. Here the input gradient
-  is a canonical forward convolution, and the kernel gradient one matrix product over all
-  positions, against the output gradient shifted by every kernel offset (`_shifted`). XLA:CPU
-  would otherwise run the kernel gradient as a forward convolution over transposed copies of
-  the input and output gradient; the product made DenseNet-BC-100's train step 11% faster
-  (batch 64, k=12), BC-52 k=40's 3% and densenet121's 2% (batch 8).
+  their non-canonical form and runs them with a generic emitter, many times slower than the
+  same convolutions outside a loop. Here the input gradient is a canonical forward
+  convolution, and the kernel gradient one matrix product over all positions, against the
+  output gradient shifted by every kernel offset (`_shifted`).
 
   On every other platform the gradients are autodiff's, which GPU and TPU compilers run as
-  their own gradient kernels without the 9 shifted copies of the output gradient. On one H100
-  the two were within 4% of each other (DenseNet-BC-100, batch 64, 48-channel chunks: 47.3 ms
-  per step written out, 48.9 ms autodiff's); the GPU defaults (`policy.scan_chunk`) were
-  measured with autodiff's.
+  their own gradient kernels without the 9 shifted copies of the output gradient. The figures
+  are in docs/performance.md.
   """
   return _conv_same_any(x, kernel)
 
@@ -266,9 +259,8 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
   """Convolution of NHWC x with a square HWIO kernel, zero-padded by `padding` on every side.
 
   Stride 1 with 'same' padding is `conv_same`. Other strides (the ImageNet stem's 7x7/2) are
-  oneDNN's convolution and gradients on a CPU with oneDNN (float32): for densenet121's stem
-  (batch 8) XLA:CPU took 10.8-11.8 ms forward and 53-58 ms for the kernel gradient, oneDNN 5.4
-  and 7.2 ms. Elsewhere they are XLA's convolution and autodiff's gradients.
+  oneDNN's convolution and gradients on a CPU with oneDNN (float32), several times faster than
+  XLA:CPU's there. Elsewhere they are XLA's convolution and autodiff's gradients.
   """
   if stride == 1 and kernel.shape[0] % 2 == 1 and padding == kernel.shape[0] // 2:
     return conv_same(x, kernel)
@@ -360,8 +352,8 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
 
   The gradient goes to the first maximum of each window in row-major order, which is what
   autodiff of `lax.reduce_window` gives, but written as a few elementwise passes: XLA:CPU lowers
-  autodiff's version to a variadic reduce-window over index arrays, which cost densenet121's
-  train step (batch 8, 224x224) more than 100 ms, as much as its whole stem convolution.
+  autodiff's version to a variadic reduce-window over index arrays, as slow as the whole stem
+  convolution in densenet121's train step.
   """
   return _max_pool(x, window, stride, padding)
 

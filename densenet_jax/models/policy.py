@@ -12,9 +12,47 @@ docs/design.md ("Segments and chunks") and docs/performance.md.
   else 64, doubled in each later block in the standard mode. GPU and TPU: one chunk as wide as
   the widest input, or with memory_efficient 128 in the first block and 4x as many in each later
   one (the same backward workspace in every block).
-* Whether a CPU step uses oneDNN's convolutions and the fused bottleneck call is decided by
-  densenet_jax/native/onednn.py (`available`, `usable`, `bottleneck_usable`), at lowering.
+  The model hands both the CPU's and the accelerators' chunks (`chunks`) to its blocks, which
+  take the one of the platform the step is lowered for (`lax.platform_dependent`), not of
+  `jax.default_backend()`: a step lowered for the CPU on a GPU host gets the CPU's chunks.
+* `fused_bottleneck`: whether a scanned layer's first unit is oneDNN's fused call. The call
+  implements part of the layer's space only (models/layer.py): a 1x1 bottleneck convolution
+  after BatchNorm and ReLU, in float32. Other layers take the chunked path on every platform.
+* Whether a CPU convolution is oneDNN's is decided by densenet_jax/native/onednn.py
+  (`available`, `usable`), at lowering.
 """
+
+import dataclasses
+
+from densenet_jax.native import onednn
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunks:
+  """A block's chunk, in input channels, for each kind of platform (hashable)."""
+
+  cpu: int
+  other: int   # GPUs and TPUs
+
+  def on(self, platform: str) -> int:
+    """The chunk for `platform`, as `lax.platform_dependent` names it ('cpu' or 'default')."""
+    return self.cpu if platform == 'cpu' else self.other
+
+  def at_most(self, width: int) -> 'Chunks':
+    return Chunks(min(self.cpu, width), min(self.other, width))
+
+
+def chunks(model, block: int) -> Chunks:
+  """The chunks of dense block `block` of `model` and of the transition after it."""
+  return Chunks(scan_chunk(model, 'cpu', block), scan_chunk(model, 'gpu', block))
+
+
+def fused_bottleneck(spec, x) -> bool:
+  """Whether the fused call (native/bottleneck.cc) computes the first unit of a layer defined
+  by `spec` (a `layer.Spec`) on the buffer x: it computes relu(x * a + b) then a 1x1
+  convolution, in float32, and only on a CPU with oneDNN (checked at lowering)."""
+  return (spec.bottleneck and spec.activation == 'relu'
+          and onednn.bottleneck_usable(x))
 
 
 def scan_chunk(model, platform: str, block: int = 0) -> int:

@@ -1,9 +1,9 @@
-"""Dense blocks as scanned loops over one pre-allocated feature buffer.
+"""Dense blocks as scanned loops over one pre-allocated feature buffer (docs/design.md,
+"Scanned dense blocks"; the figures behind each choice are in docs/performance.md).
 
-An unrolled dense block puts every layer into the compiled program separately: DenseNet-BC
-L=250 has 246 layers, and XLA compiles each of them (forward and backward) on its own, which took
-67 s (standard) to 150 s (memory-efficient) on a 2-core CPU. Every layer also rebuilds the
-growing concatenation of its block, a copy whose total size grows quadratically with depth.
+An unrolled dense block puts every layer into the compiled program separately, so compile time
+grows with depth, and every layer rebuilds the growing concatenation of its block, a copy whose
+total size grows quadratically with depth.
 
 Here a block owns one buffer [batch, height, width, in + num_layers * k]: layer i reads the
 first `in + i * k` channels and writes its k new maps in place after them. Layers of a block then
@@ -13,52 +13,35 @@ their first convolution kernels, whose input widths differ, are laid end to end 
 array that each layer slices at its own offset (`_flat_kernels`). Zero scale and bias, and
 masked kernel rows, make unwritten and later channels contribute exactly nothing. The stored
 parameters keep the paper's exact shapes and names, identical to the unrolled block's, and
-checkpoints move freely between the two.
-
-A layer's first BN-ReLU-Conv reads the buffer in *chunks* of `chunk` channels, in a loop over as
-many chunks as the layer's own input fills (scanned_layer.py, which holds one layer's forward
-and backward pass). Its work therefore follows its own width, not the buffer's, and its
-backward pass needs workspace for one chunk, not for the whole buffer. On a CPU with oneDNN,
-bottleneck layers skip the chunks: one fused call reads exactly the layer's width
-(scanned_layer.py, densenet_jax/native/bottleneck.cc); interleaved on 2 CPU cores it made
-densenet121's standard train step (batch 8) 22% shorter and DenseNet-BC-100's (batch 64) 28%.
-Before chunks, every layer ran on the whole padded buffer: that wasted about half the first
-convolution's work (less with segments, below), and the backward pass held about six buffer-wide
-arrays at once, which was most of the compiled memory. On 2 CPU cores, chunks of 64 channels made
-the standard train step of DenseNet-BC-100 (batch 64) 8-30% faster (three runs, interleaved with
-the unchunked blocks in one process) and densenet121's (batch 8) 16%, and cut compiled memory by
-28-49% across both models and modes.
+checkpoints move freely between the two. The layer's math is models/layer.py's, as for the
+unrolled layers; scanned_layer.py holds one layer's forward and backward pass on the buffer
+(reading it in chunks, or through oneDNN's fused call where that applies).
 
 A block can also be split into *segments*, each a scan over a buffer only as wide as its own last
 layer needs; the split points minimise the padded width summed over layers (`segment_bounds`).
-Segments were the way to cut padded work before chunks; now each one only adds a saved buffer
-and a compiled loop, so one segment per block is the default. Compile time grows with the number
-of segments, not with depth.
+Each segment adds a saved buffer and a compiled loop, so one segment per block is the default.
 
 Each segment is a `jax.custom_vjp`. Autodiff of a scan would store the whole buffer once per
 layer (quadratic memory); here the forward pass saves the buffer only at the segment's end (every
 earlier layer's input is a prefix of it) and the backward pass is a reverse scan that recomputes
-each layer's first BatchNorm and ReLU from that buffer. The standard mode also saves each layer's
-1x1 convolution output (4k maps a layer, linear in depth) so that the backward pass does not
-redo that convolution; the memory-efficient mode recomputes the whole layer instead. The
+each layer's first BatchNorm and activation from that buffer. The standard mode also saves each
+layer's 1x1 convolution output (4k maps a layer, linear in depth) so that the backward pass does
+not redo that convolution; the memory-efficient mode recomputes the whole layer instead. The
 BatchNorm statistics of a buffer channel never change once written, so they are carried along
 as per-channel mean and mean of squares instead of being recomputed over the whole buffer.
-
-Convolutions go through `ops.pointwise` and `ops.conv_same`: on a CPU, oneDNN's convolutions
-and gradients (densenet_jax/native), or else gradients that XLA:CPU runs at full speed inside a
-loop body (autodiff's own gradient convolutions run 10-40x slower there).
 """
 
 import functools
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from densenet_jax.models import efficient
+from densenet_jax.models import layer
 from densenet_jax.models import ops
+from densenet_jax.models import policy
 from densenet_jax.models import scanned_layer
 
 Array = jax.Array
@@ -102,17 +85,17 @@ def _forward(static: scanned_layer.Static, buf, mean, meansq, params, kernels, k
   """Runs the segment's layers in a scan. Returns the filled buffer, its statistics, each
   layer's BatchNorm batch statistics (stacked) and, when `static.save_bottleneck`, each layer's
   1x1 convolution output (stacked; else None)."""
-  k = static.growth_rate
+  k = static.spec.growth_rate
 
   def body(carry, xs):
     buf, mean, meansq = carry
     j, p, key = xs
     offset = static.first_offset + j * k
-    piece, y, stats = scanned_layer.layer(static, buf, mean, meansq, dict(p, key=key), kernels,
-                                          j, offset)
+    piece, y, stats = scanned_layer.layer_forward(static, buf, mean, meansq, dict(p, key=key),
+                                                  kernels, j, offset)
     buf = lax.dynamic_update_slice_in_dim(buf, piece.astype(buf.dtype), offset, _CHANNELS)
     if static.train:
-      m, msq = scanned_layer.batch_stats(piece.astype(buf.dtype))
+      m, msq = layer.moments(piece.astype(buf.dtype))
       mean = lax.dynamic_update_slice_in_dim(mean, m, offset, 0)
       meansq = lax.dynamic_update_slice_in_dim(meansq, msq, offset, 0)
     return (buf, mean, meansq), (stats, y if static.save_bottleneck else None)
@@ -142,7 +125,7 @@ def _segment_bwd(static, residuals, cotangents):
   recomputed."""
   buf_f, mean_f, meansq_f, params, kernels, keys, saved = residuals
   d_buf, d_mean, d_meansq, _ = cotangents   # per-layer BN statistics are not differentiated
-  k = static.growth_rate
+  k = static.spec.growth_rate
   count = buf_f.shape[0] * buf_f.shape[1] * buf_f.shape[2]
   d_buf = d_buf.astype(jnp.float32)
   # From the cotangent, not a constant, which XLA would schedule at the step's start.
@@ -160,9 +143,9 @@ def _segment_bwd(static, residuals, cotangents):
       piece = lax.dynamic_slice_in_dim(buf_f, offset, k, _CHANNELS).astype(jnp.float32)
       d_piece += (lax.dynamic_slice_in_dim(d_mean, offset, k, 0)
                   + 2.0 * piece * lax.dynamic_slice_in_dim(d_meansq, offset, k, 0)) / count
-    d_piece = d_piece.astype(static.dtype)
+    d_piece = d_piece.astype(static.spec.dtype)
     dp = jax.tree.map(jnp.zeros_like, p)
-    if static.bottleneck:
+    if static.spec.bottleneck:
       if y is None:   # memory-efficient: recompute the 1x1 output
         y = scanned_layer.first(static, buf_f, mean_f, meansq_f, lp, kernels, j, offset)[0]
       second_names = ('scale2', 'bias2', 'kernel2')
@@ -203,30 +186,25 @@ class _LayerVariables(nn.Module):
   """
 
   in_features: int
-  growth_rate: int
-  bn_size: int
-  bottleneck: bool
+  spec: layer.Spec
   kernel_init: Any
 
   @nn.compact
-  def __call__(self, new_stats=None, momentum=None):
-    # pylint: disable=protected-access
+  def __call__(self, new_stats=None):
+    spec = self.spec
     variables = {}
     norms = [('1', self.in_features)]
-    if self.bottleneck:
-      mid = self.bn_size * self.growth_rate
-      norms.append(('2', mid))
-      convs = [('1', (1, 1, self.in_features, mid)), ('2', (3, 3, mid, self.growth_rate))]
-    else:
-      convs = [('1', (3, 3, self.in_features, self.growth_rate))]
+    convs = [('1', (spec.first_size, spec.first_size, self.in_features, spec.first_features))]
+    if spec.bottleneck:
+      norms.append(('2', spec.first_features))
+      convs.append(('2', (3, 3, spec.first_features, spec.growth_rate)))
     for n, features in norms:
       batch_stats = None if new_stats is None else (new_stats['mean' + n], new_stats['var' + n])
-      scale, bias, mean, var = efficient._BatchNormVariables(features, name='norm' + n)(
-          batch_stats, momentum)
+      scale, bias, mean, var = layer.BatchNormVariables(features, name='norm' + n)(
+          batch_stats, spec.momentum)
       variables.update({'scale' + n: scale, 'bias' + n: bias, 'mean' + n: mean, 'var' + n: var})
     for n, shape in convs:
-      variables['kernel' + n] = efficient._ConvKernel(shape, self.kernel_init,
-                                                      name='conv' + n)()
+      variables['kernel' + n] = layer.ConvKernel(shape, self.kernel_init, name='conv' + n)()
     return variables
 
 
@@ -250,12 +228,9 @@ def _flat_kernels(kernels, width):
   """The first convolution kernels of a segment's layers, [h, w, in_i, out] with growing in_i,
   as one [h, w, sum of in_i + k, out] array (`scanned_layer.kernel_offset`: where each starts).
 
-  Zero-padded to the buffer's `width` and stacked, as they once were, they took about twice
-  their own memory, and so did their gradient (the last layer's width against the average).
-  Flat, the train step's compiled memory fell from 763 to 659 MiB (densenet264, batch 8,
-  standard) and from 432 to 314 MiB (memory-efficient); densenet121's and DenseNet-BC-100's
-  changed by under 5%, and densenet121's step got 6-7% faster (interleaved in one process on 2
-  CPU cores). The k zero rows at the end keep every chunk's slice inside the array: a layer's
+  Zero-padded to the buffer's `width` and stacked, they would take about twice their own
+  memory, and so would their gradient (the last layer's width against the average). The k
+  zero rows at the end keep every chunk's slice inside the array: a layer's
   chunks read up to `width` channels from its start, k past the last layer's own inputs.
   """
   extra = width - kernels[-1].shape[2]
@@ -263,31 +238,27 @@ def _flat_kernels(kernels, width):
   return jnp.concatenate(list(kernels) + [pad], axis=2)
 
 
-def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: int,
-                  bn_size: int, bottleneck: bool, dropout_rate: float, epsilon: float,
-                  momentum: float, dtype: Any, kernel_init: Any, num_segments: int,
-                  memory_efficient: bool, train: bool, chunk: int) -> Array:
+def scanned_block(module: nn.Module, x: Array, spec: layer.Spec, keys: Optional[Array], *,
+                  num_layers: int, kernel_init: Any, num_segments: int, memory_efficient: bool,
+                  train: bool, chunks: policy.Chunks) -> Array:
   """A dense block's output (input and all layers' maps, concatenated) computed by scans.
 
   Call from inside `module`'s compact method: the variables are declared in it as `layer{i}`
-  submodules, exactly as the unrolled `DenseBlock` declares them.
+  submodules, exactly as the unrolled `DenseBlock` declares them. `keys`: the layers' raw
+  dropout keys (`layer.block_keys`), None without dropout.
   """
   in_features = x.shape[-1]
-  k = growth_rate
-  layers = [_LayerVariables(in_features + i * k, k, bn_size, bottleneck, kernel_init,
-                            name=f'layer{i + 1}') for i in range(num_layers)]
-  variables = [layer() for layer in layers]
+  k = spec.growth_rate
+  layers = [_LayerVariables(in_features + i * k, spec, kernel_init, name=f'layer{i + 1}')
+            for i in range(num_layers)]
+  variables = [layer_vars() for layer_vars in layers]
   initializing = module.is_initializing()
-  if train and dropout_rate > 0:
-    keys = jax.random.split(module.make_rng('dropout'), num_layers)
-    if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-      keys = jax.random.key_data(keys)
-  else:
+  if keys is None:
     keys = jnp.zeros((num_layers, 2), jnp.uint32)   # unused: no dropout
-  buf = x.astype(dtype)
+  buf = x.astype(spec.dtype)
   mean = meansq = None
   if train:
-    mean, meansq = scanned_layer.batch_stats(buf)
+    mean, meansq = layer.moments(buf)
   for start, end in segment_bounds(in_features, k, num_layers, num_segments):
     width = in_features + end * k
     extra = width - buf.shape[-1]
@@ -301,10 +272,9 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
     layer_params = [_padded(variables[i], width) for i in range(start, end)]
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *layer_params)
     kernels = _flat_kernels([variables[i]['kernel1'] for i in range(start, end)], width)
-    static = scanned_layer.Static(in_features + start * k, k, bottleneck, train,
-                                  float(epsilon), float(dropout_rate), jnp.dtype(dtype),
-                                  save_bottleneck=bottleneck and not memory_efficient,
-                                  chunk=min(chunk, width))
+    static = scanned_layer.Static(spec, in_features + start * k, train,
+                                  save_bottleneck=spec.bottleneck and not memory_efficient,
+                                  chunks=chunks.at_most(width))
     buf, mean, meansq, stats = _segment(static, buf, mean, meansq, stacked, kernels,
                                         keys[start:end])
     if train and not initializing:
@@ -312,5 +282,5 @@ def scanned_block(module: nn.Module, x: Array, *, num_layers: int, growth_rate: 
       for j, i in enumerate(range(start, end)):
         width_i = in_features + i * k   # stats of norm1 are padded to the segment's width
         layers[i](new_stats={name: (v[j, :width_i] if name.endswith('1') else v[j])
-                             for name, v in stats.items()}, momentum=momentum)
+                             for name, v in stats.items()})
   return buf

@@ -16,13 +16,14 @@ are described there.
 
 import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from densenet_jax.models import layer
 from densenet_jax.models import ops
+from densenet_jax.models import policy
 from densenet_jax.native import onednn
 
 
@@ -30,40 +31,23 @@ from densenet_jax.native import onednn
 class Static:
   """Everything about a segment that is fixed at trace time (hashable, for custom_vjp)."""
 
+  spec: layer.Spec   # the layer's definition
   first_offset: int   # channel where the segment's first layer writes
-  growth_rate: int
-  bottleneck: bool
   train: bool
-  epsilon: float
-  dropout_rate: float
-  dtype: Any
   save_bottleneck: bool   # keep each layer's 1x1 output for the backward pass
-  chunk: int   # input channels per step of a layer's first convolution (`first`)
+  chunks: policy.Chunks   # input channels per step of a layer's first convolution (`first`)
+  chunk: int = 0   # the chunk of the platform being lowered for (`_on`)
 
 
-def _dropout(x, rate, key):
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def batch_stats(x):
-  """Per-channel mean and mean of squares over batch and space, in float32."""
-  x = x.astype(jnp.float32)
-  return jnp.mean(x, (0, 1, 2)), jnp.mean(lax.square(x), (0, 1, 2))
+def _on(static: Static, platform: str) -> Static:
+  return dataclasses.replace(static, chunk=static.chunks.on(platform))
 
 
 def _keys(static: Static, key):
-  """Dropout keys of a layer's two convolutions (unused without dropout)."""
-  if static.dropout_rate > 0 and static.train:
-    return jax.random.split(key)
-  return key, key
-
-
-def _norm_relu(x, mean, var, scale, bias, epsilon, dtype):
-  # jax.nn.relu has gradient 0 at 0, so padded channels (pre-activation exactly 0, since their
-  # scale and bias are 0) get exactly zero gradient.
-  mul = scale * lax.rsqrt(var + epsilon)
-  return jax.nn.relu((x.astype(jnp.float32) - mean) * mul + bias).astype(dtype)
+  """Dropout keys of a layer's two units ((None, None) without dropout)."""
+  if static.spec.dropout_rate > 0 and static.train:
+    return layer.unit_keys(key)
+  return None, None
 
 
 def _chunk_start(static: Static, c, width):
@@ -79,7 +63,7 @@ def _chunk(static: Static, x, c, width):
 def kernel_offset(static: Static, j):
   """Where layer j of a segment starts in the segment's flat first-convolution kernel: the
   input widths of the layers before it, first_offset + i * k for i < j, summed."""
-  return j * static.first_offset + static.growth_rate * (j * (j - 1) // 2)
+  return j * static.first_offset + static.spec.growth_rate * (j * (j - 1) // 2)
 
 
 def _chunk_params(static: Static, p, kernels, j, c, in_width):
@@ -102,18 +86,15 @@ def _chunk_params(static: Static, p, kernels, j, c, in_width):
 
 
 def _first_chunk(static: Static, buf_c, mean_c, meansq_c, pc, acc=None):
-  """BN-ReLU-Conv of one chunk of input channels: its share of the layer's first convolution,
+  """BN-act-Conv of one chunk of input channels: its share of the layer's first convolution,
   added to `acc` (the chunks before) where given."""
-  if static.train:
-    mean1, var1 = mean_c, jnp.maximum(0.0, meansq_c - lax.square(mean_c))
-  else:
-    mean1, var1 = pc['mean1'], pc['var1']
-  h = _norm_relu(buf_c, mean1, var1, pc['scale1'], pc['bias1'], static.epsilon, static.dtype)
-  kernel = pc['kernel1'].astype(static.dtype)
-  if acc is not None and static.bottleneck and static.dtype == jnp.float32:
-    return ops.pointwise_accumulate(acc, h, kernel)
-  y = ops.pointwise(h, kernel) if static.bottleneck else ops.conv_same(h, kernel)
-  y = y.astype(jnp.float32)
+  spec = static.spec
+  mean1, var1 = _statistics1(static, mean_c, meansq_c, pc)
+  h = layer.pre_activation(spec, buf_c, mean1, var1, pc['scale1'], pc['bias1'])
+  if acc is not None and spec.bottleneck and spec.dtype == jnp.float32:
+    # The same 1x1 convolution, added into acc's buffer as oneDNN writes it.
+    return ops.pointwise_accumulate(acc, h, pc['kernel1'])
+  y = layer.convolve(spec, h, pc['kernel1']).astype(jnp.float32)
   return y if acc is None else acc + y
 
 
@@ -132,36 +113,25 @@ def first(static: Static, buf, mean, meansq, p, kernels, j, in_width):
   mean1, var1 = _statistics1(static, mean, meansq, p)
   y = lax.platform_dependent(
       buf, mean, meansq, p, kernels, j, in_width,
-      cpu=functools.partial(_first_cpu, static), default=functools.partial(_first_chunks, static))
-  if static.dropout_rate > 0 and static.train:
-    y = _dropout(y, static.dropout_rate, _keys(static, p['key'])[0])
-  return y.astype(static.dtype), {'mean1': mean1, 'var1': var1}
+      cpu=functools.partial(_first_cpu, _on(static, 'cpu')),
+      default=functools.partial(_first_chunks, _on(static, 'default')))
+  y = layer.dropout(static.spec, y, _keys(static, p['key'])[0])
+  return y.astype(static.spec.dtype), {'mean1': mean1, 'var1': var1}
 
 
 def _statistics1(static: Static, mean, meansq, p):
   """Mean and variance that the first BatchNorm normalises with: the buffer's batch statistics
   in training, the running averages otherwise."""
   if static.train:
-    return mean, jnp.maximum(0.0, meansq - lax.square(mean))
+    return mean, layer.variance(mean, meansq)
   return p['mean1'], p['var1']
 
 
-def _fused(static: Static, buf) -> bool:
-  """Whether the layer's first BN-ReLU-Conv1x1 can be oneDNN's fused call (bottleneck.cc): a
-  1x1 convolution, float32, on a CPU with oneDNN built."""
-  return static.bottleneck and onednn.bottleneck_usable(buf)
-
-
-def _norm_factors(static: Static, mean1, var1, scale, bias):
-  """(a, b) with BatchNorm-ReLU = relu(x * a + b): the fused call's per-channel factors."""
-  mul = scale * lax.rsqrt(var1 + static.epsilon)
-  return mul, bias - mean1 * mul
-
-
 def _first_cpu(static: Static, buf, mean, meansq, p, kernels, j, in_width):
-  if not _fused(static, buf):
+  if not policy.fused_bottleneck(static.spec, buf):
     return _first_chunks(static, buf, mean, meansq, p, kernels, j, in_width)
-  a, b = _norm_factors(static, *_statistics1(static, mean, meansq, p), p['scale1'], p['bias1'])
+  a, b = layer.norm_factors(static.spec, *_statistics1(static, mean, meansq, p), p['scale1'],
+                            p['bias1'])
   return onednn.bottleneck_forward(buf, a, b, kernels, in_width, kernel_offset(static, j))
 
 
@@ -186,26 +156,27 @@ def first_bwd(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, c
   the reverse scan's gradients of the buffer, its statistics and the flat kernel, (d_buf,
   d_mean, d_meansq, d_kernels); this layer's parts are added to them, and they are returned with
   the gradients of the first BatchNorm's scale and bias."""
-  if static.dropout_rate > 0 and static.train:
-    _, vjp = jax.vjp(lambda y: _dropout(y, static.dropout_rate, _keys(static, p['key'])[0]),
+  key = _keys(static, p['key'])[0]
+  if key is not None:
+    _, vjp = jax.vjp(lambda y: layer.dropout(static.spec, y, key),
                      jnp.zeros(d_y.shape, jnp.float32))
     d_y = vjp(d_y.astype(jnp.float32))[0]
   d_y = d_y.astype(jnp.float32)
   return lax.platform_dependent(
       buf, mean, meansq, p, kernels, j, in_width, d_y, tuple(carry),
-      cpu=functools.partial(_first_bwd_cpu, static),
-      default=functools.partial(_first_bwd_chunks, static))
+      cpu=functools.partial(_first_bwd_cpu, _on(static, 'cpu')),
+      default=functools.partial(_first_bwd_chunks, _on(static, 'default')))
 
 
 def _first_bwd_cpu(static: Static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry):
   """`first_bwd` through oneDNN's fused call: the per-channel factors' gradients it returns
   are taken back to the statistics, scale and bias by autodiff of `_norm_factors`."""
-  if not _fused(static, buf):
+  if not policy.fused_bottleneck(static.spec, buf):
     return _first_bwd_chunks(static, buf, mean, meansq, p, kernels, j, in_width, d_y, carry)
   d_buf, d_mean, d_meansq, d_kernels = carry
 
   def factors(mean, meansq, scale, bias):
-    return _norm_factors(static, *_statistics1(static, mean, meansq, p), scale, bias)
+    return layer.norm_factors(static.spec, *_statistics1(static, mean, meansq, p), scale, bias)
 
   (a, b), vjp = jax.vjp(factors, mean, meansq, p['scale1'], p['bias1'])
   d_buf, d_kernels, d_a, d_b = onednn.bottleneck_backward(
@@ -243,23 +214,22 @@ def _first_bwd_chunks(static: Static, buf, mean, meansq, p, kernels, j, in_width
 
 
 def second(static: Static, y, p):
-  """BN-ReLU-Conv3x3 of a bottleneck layer on its 1x1 convolution's output `y`."""
+  """The second unit of a bottleneck layer (BN-act-Conv3x3, dropout) on its first unit's
+  output `y`; returns it and the BatchNorm statistics used."""
+  spec = static.spec
   if static.train:
-    m, msq = batch_stats(y)
-    mean2, var2 = m, jnp.maximum(0.0, msq - lax.square(m))
+    mean2, var2 = layer.statistics(y)
   else:
     mean2, var2 = p['mean2'], p['var2']
-  h = _norm_relu(y, mean2, var2, p['scale2'], p['bias2'], static.epsilon, static.dtype)
-  out = ops.conv_same(h, p['kernel2'].astype(static.dtype))
-  if static.dropout_rate > 0 and static.train:
-    out = _dropout(out, static.dropout_rate, _keys(static, p['key'])[1])
-  return out.astype(static.dtype), {'mean2': mean2, 'var2': var2}
+  h = layer.pre_activation(spec, y, mean2, var2, p['scale2'], p['bias2'])
+  out = layer.dropout(spec, layer.convolve(spec, h, p['kernel2']), _keys(static, p['key'])[1])
+  return out.astype(spec.dtype), {'mean2': mean2, 'var2': var2}
 
 
-def layer(static: Static, buf, mean, meansq, p, kernels, j, in_width):
+def layer_forward(static: Static, buf, mean, meansq, p, kernels, j, in_width):
   """Dense layer j on the buffer: (its k new maps, its 1x1 output or None, BN statistics)."""
   y, stats = first(static, buf, mean, meansq, p, kernels, j, in_width)
-  if not static.bottleneck:
+  if not static.spec.bottleneck:
     return y, None, stats
   out, stats2 = second(static, y, p)
   return out, y, {**stats, **stats2}

@@ -1,0 +1,212 @@
+"""The dense layer's computation, written once.
+
+A dense layer is one or two *units*, each BatchNorm, activation, convolution, dropout:
+
+    bottleneck (DenseNet-B):  unit(1x1 -> bn_size * k maps), then unit(3x3 -> k maps)
+    without:                  unit(3x3 -> k maps)
+
+on the concatenation of every earlier feature map of its block. Every implementation of the
+layer (unrolled and scanned, standard and memory-efficient, chunk by chunk and through oneDNN's
+fused call) is assembled from the functions here: `statistics` and `normalize` (BatchNorm),
+`pre_activation` (BatchNorm then the activation), `convolve`, `dropout` and `unit_keys`. A
+change to the layer's math is made here and reaches every path; the implementations differ
+only in what they store, recompute and fuse (docs/design.md).
+
+A fast path that computes only part of this space says so and is taken only there: the fused
+oneDNN call (`policy.fused_bottleneck`) computes ReLU units in float32 only.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from densenet_jax.models import ops
+
+Array = jax.Array
+
+# The activation after every BatchNorm of the network (model field `activation`).
+ACTIVATIONS: Dict[str, Callable[[Array], Array]] = {
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'gelu': jax.nn.gelu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What defines a dense layer, as the model's fields set it (hashable: fixed at trace time).
+
+  Attributes:
+    growth_rate: k, the maps the layer adds.
+    bn_size: the bottleneck convolution's output is bn_size * k maps.
+    bottleneck: two units (1x1 then 3x3) rather than one 3x3 unit.
+    dropout_rate: dropout after each convolution (the paper's placement).
+    activation: a key of `ACTIVATIONS`.
+    epsilon, momentum: BatchNorm's, Flax convention (momentum 0.9 is torchvision's 0.1).
+    dtype: computation dtype; statistics and normalisation are float32.
+  """
+
+  growth_rate: int
+  bn_size: int = 4
+  bottleneck: bool = True
+  dropout_rate: float = 0.0
+  activation: str = 'relu'
+  epsilon: float = 1e-5
+  momentum: float = 0.9
+  dtype: Any = jnp.float32
+
+  @property
+  def first_features(self) -> int:
+    """Output maps of the layer's first convolution."""
+    return self.bn_size * self.growth_rate if self.bottleneck else self.growth_rate
+
+  @property
+  def first_size(self) -> int:
+    """Kernel size of the layer's first convolution."""
+    return 1 if self.bottleneck else 3
+
+
+def moments(x: Array):
+  """Per-channel mean and mean of squares over batch and space, in float32."""
+  x = x.astype(jnp.float32)
+  return jnp.mean(x, (0, 1, 2)), jnp.mean(lax.square(x), (0, 1, 2))
+
+
+def variance(mean: Array, mean_sq: Array) -> Array:
+  """E[x^2] - E[x]^2, as Flax's BatchNorm computes it (its fast variance), never below 0."""
+  return jnp.maximum(0.0, mean_sq - lax.square(mean))
+
+
+def statistics(x: Array):
+  """BatchNorm's batch statistics of x: per-channel (mean, variance), float32."""
+  mean, mean_sq = moments(x)
+  return mean, variance(mean, mean_sq)
+
+
+def normalize(spec: Spec, x: Array, mean, var, scale, bias) -> Array:
+  """BatchNorm with the given statistics, in float32."""
+  return (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + spec.epsilon)) + bias
+
+
+def pre_activation(spec: Spec, x: Array, mean, var, scale, bias) -> Array:
+  """The activation of BatchNorm(x), in the computation dtype: what every convolution reads.
+
+  Channels whose scale and bias are zero (padding in the scanned blocks) come out as
+  activation(0) = 0 for every activation here, with zero gradient to x.
+  """
+  return ACTIVATIONS[spec.activation](normalize(spec, x, mean, var, scale, bias)).astype(
+      spec.dtype)
+
+
+def norm_factors(spec: Spec, mean, var, scale, bias):
+  """(a, b) with BatchNorm(x) = x * a + b per channel: the form the fused call takes."""
+  a = scale * lax.rsqrt(var + spec.epsilon)
+  return a, bias - mean * a
+
+
+def convolve(spec: Spec, h: Array, kernel: Array) -> Array:
+  """A unit's bias-free, stride-1 'same' convolution (1x1 or 3x3) in the computation dtype."""
+  kernel = kernel.astype(spec.dtype)
+  if kernel.shape[:2] == (1, 1):
+    return ops.pointwise(h, kernel)
+  return ops.conv_same(h, kernel)
+
+
+def dropout(spec: Spec, x: Array, key: Optional[Array]) -> Array:
+  """Inverted dropout of x with `key` (none without a key or at rate 0).
+
+  Every path draws a layer's masks from the same keys (`unit_keys`) and the same shapes, so
+  for one seed every implementation drops the same values.
+  """
+  if key is None or spec.dropout_rate == 0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - spec.dropout_rate, x.shape)
+  return jnp.where(keep, x / (1.0 - spec.dropout_rate), jnp.zeros_like(x))
+
+
+def block_keys(module: nn.Module, spec: Spec, num_layers: int, train: bool) -> Optional[Array]:
+  """[num_layers, 2] raw dropout keys, one per layer of a block (None without dropout).
+
+  Drawn once per block from the module's 'dropout' stream, so unrolled and scanned blocks
+  hand every layer the same key. Raw uint32 data, so that a scan can carry them."""
+  if not train or spec.dropout_rate == 0:
+    return None
+  keys = jax.random.split(module.make_rng('dropout'), num_layers)
+  if jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+    keys = jax.random.key_data(keys)
+  return keys
+
+
+def unit_keys(key: Optional[Array]):
+  """A layer's key split into its two units' dropout keys ((None, None) without dropout)."""
+  if key is None:
+    return None, None
+  first, second = jax.random.split(key)
+  return first, second
+
+
+class BatchNormVariables(nn.Module):
+  """Declares exactly the variables of `nn.BatchNorm` (scale, bias; mean, var) for C features,
+  so that checkpoints are those of `nn.BatchNorm`.
+
+  Returns their values (scale, bias, running mean, running var). Given `batch_stats`, a
+  (mean, var) pair of batch statistics, it first moves the running averages towards them.
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, batch_stats=None, momentum=None):
+    shape = (self.features,)
+    mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), shape)
+    var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), shape)
+    scale = self.param('scale', nn.initializers.ones, shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, shape, jnp.float32)
+    if batch_stats is not None:
+      for average, value in zip((mean, var), batch_stats):
+        average.value = momentum * average.value + (1 - momentum) * lax.stop_gradient(value)
+    return scale, bias, mean.value, var.value
+
+
+class ConvKernel(nn.Module):
+  """Declares exactly the `kernel` variable of a bias-free `nn.Conv`."""
+
+  shape: Sequence[int]
+  kernel_init: Any
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', self.kernel_init, tuple(self.shape), jnp.float32)
+
+
+def batch_norm(spec: Spec, x: Array, *, train: bool, name: str, initializing: bool):
+  """Declares a BatchNorm's variables under `name` (call inside a compact method) and returns
+  (mean, var, scale, bias) to normalise x with: x's batch statistics in training (after moving
+  the running averages towards them), the running averages otherwise."""
+  norm = BatchNormVariables(x.shape[-1], name=name)
+  scale, bias, mean, var = norm()
+  if train:
+    mean, var = statistics(x)
+    if not initializing:
+      norm((mean, var), spec.momentum)
+  return mean, var, scale, bias
+
+
+def norm_activation(spec: Spec, x: Array, *, train: bool, name: str,
+                    initializing: bool) -> Array:
+  """`pre_activation` of x with a BatchNorm declared under `name` (call inside compact)."""
+  return pre_activation(spec, x, *batch_norm(spec, x, train=train, name=name,
+                                             initializing=initializing))
+
+
+def unit(spec: Spec, x: Array, *, features: int, size: int, train: bool, key, norm_name: str,
+         conv_name: str, kernel_init: Any, initializing: bool) -> Array:
+  """BatchNorm, activation, convolution, dropout: one unit, variables declared as `nn.BatchNorm`
+  and a bias-free `nn.Conv` declare them (call inside a compact method)."""
+  h = norm_activation(spec, x, train=train, name=norm_name, initializing=initializing)
+  kernel = ConvKernel((size, size, x.shape[-1], features), kernel_init, name=conv_name)()
+  return dropout(spec, convolve(spec, h, kernel), key)
