@@ -85,7 +85,8 @@ def lead_decides(name: str, decide: Callable[[], Dict[str, Any]]) -> Dict[str, A
       raise
     _client().key_value_set(key, json.dumps(decision))
     return decision
-  return json.loads(_get(key, _state['decision_timeout'], f'waiting for process 0 to decide {name}'))
+  return json.loads(_get(key, _state['decision_timeout'],
+                         f'waiting for process 0 to decide {name}'))
 
 
 def all_succeed(name: str, error: Optional[BaseException]) -> None:
@@ -319,6 +320,7 @@ def leaving_together():
     sys.stdout.flush()
     sys.stderr.write(message + '\n')
     sys.stderr.flush()
-    os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)  # pylint: disable=protected-access
+    code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+    os._exit(code)  # pylint: disable=protected-access
   if watchdog is not None:
     _leave(watchdog, 'done')
