@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from densenet_jax import checkpointing
 from densenet_jax import cli
+from densenet_jax import coordination
 from densenet_jax import distributed
 from densenet_jax import run_guard
 from densenet_jax import trainer
@@ -50,10 +51,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         _CONFIG.value.distributed)
   logging.info('GLIBC_TUNABLES=%r (see densenet_jax/hugepages.py)',
                os.environ.get('GLIBC_TUNABLES'))
   logging.info('Config:\n%s', _CONFIG.value)
+  with coordination.leaving_together():  # A failing host stops the others at once.
+    _train()
+
+
+def _train():
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (validation.ConfigError, run_guard.WorkdirInUseError) as e:
@@ -63,6 +70,9 @@ def main(argv):
   except checkpointing.RestoreError as e:  # Checkpoints that cannot be read now; none moved.
     logging.error('%s', e)
     sys.exit(f'Restore error: {e}')
+  except coordination.PeerError as e:  # The processes differ or cannot follow process 0.
+    logging.error('%s', e)
+    sys.exit(f'Several hosts: {e}')
   except FloatingPointError as e:  # The loss diverged; the message says what to change.
     logging.error('%s', e)
     sys.exit(f'Training stopped: {e}')

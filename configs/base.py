@@ -126,4 +126,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.init_checkpoint = config_dict.placeholder(str)
 
   config.seed = 0
+
+  # How the processes of a multi-process run (several hosts) wait for each other, in seconds.
+  config.distributed = ml_collections.ConfigDict()
+  # How long every process waits at start-up for all of them to join.
+  config.distributed.initialization_timeout_seconds = 300
+  # A process silent for this long (dead, hung, unreachable) is lost: every other one stops with
+  # an error naming it. JAX's own heartbeat, a backstop, is set to twice this plus 10 s.
+  config.distributed.heartbeat_timeout_seconds = 30
+  # How long the others wait for process 0's decisions (the checkpoint to restore, which can
+  # take long to read) and for each other at the cross-process checks.
+  config.distributed.decision_timeout_seconds = 900
+  # How long a finished process waits at exit for the others to finish.
+  config.distributed.shutdown_timeout_seconds = 120
   return config

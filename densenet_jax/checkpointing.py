@@ -26,7 +26,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -75,6 +74,7 @@ class Checkpointer:
     self._keep = keep
     self._asynchronous = asynchronous
     self._manager = self._open()
+    self._reading = None
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -85,8 +85,27 @@ class Checkpointer:
     return ocp.CheckpointManager(self.directory, options=options,
                                  item_names=('state', 'input', 'run'))
 
+  def _reader(self) -> ocp.CheckpointManager:
+    """A manager that reads in this process alone, with none of Orbax's barriers between
+    processes: in a multi-process run process 0 picks the checkpoint while the others wait
+    (densenet_jax/coordination.py), then they read it."""
+    if self._reading is None:
+      me = jax.process_index()
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=me, active_processes={me}))
+      self._reading = ocp.CheckpointManager(self.directory, options=options,
+                                            item_names=('state', 'input', 'run'))
+    return self._reading
+
+  def reload(self) -> None:
+    """Lists the checkpoints again (another process may have moved one aside)."""
+    self._manager.reload()
+    self._reader().reload()
+
   def all_steps(self):
-    return sorted(self._manager.all_steps())
+    return sorted(self._reader().all_steps())
 
   def save(self, step: int, state: Any, input_position: Dict[str, int],
            run_info: Dict[str, Any]) -> None:
@@ -110,7 +129,7 @@ class Checkpointer:
     Raises:
       ValueError: if the checkpoint cannot be read or holds non-finite values.
     """
-    restored = self._manager.restore(
+    restored = self._reader().restore(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
@@ -127,7 +146,7 @@ class Checkpointer:
 
   def read_run_info(self, step: int) -> Dict[str, Any]:
     """The run description saved with `step` (cheap: no arrays are read)."""
-    restored = self._manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
+    restored = self._reader().restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
     return dict(restored['run'])
 
   def restore_latest_good(self, abstract_state: Any,
@@ -175,6 +194,21 @@ class Checkpointer:
                          'Nothing was moved.')
     return None
 
+  def restore_step(self, abstract_state: Any, step: int,
+                   check_run_info: Callable[[Dict[str, Any]], None]
+                   ) -> Tuple[Any, Dict, Dict, int]:
+    """Restores exactly `step` (the one process 0 chose), retrying a failing read.
+
+    Returns:
+      (state, input_position, run_info, step), as restore_latest_good.
+    """
+    self.reload()
+    check_run_info(_with_retries(lambda: self.read_run_info(step), f'checkpoint {step}'))
+    state, position, run_info = _with_retries(lambda: self.restore(abstract_state, step),
+                                              f'checkpoint {step}')
+    logging.info('Restored checkpoint of step %d from %s', step, self.directory)
+    return state, position, run_info, step
+
   def _not_transient(self, step: int, error: Exception) -> Exception:
     """`error`, unless it is a transient I/O error: then the run stops (RestoreError)."""
     if is_transient(error):
@@ -189,13 +223,10 @@ class Checkpointer:
     logging.warning('Checkpoint %d in %s is unreadable (%s: %s) while an older one restores; '
                     'moving it to %s.', step, self.directory,
                     type(error).__name__, str(error)[:500], target)
-    self._manager.close()
-    if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
-    self._manager = self._open()
+    # Only process 0 decides what to restore (coordination.py): the others reload after it.
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.reload()
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
@@ -206,3 +237,6 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.close()
       self._manager = None
+    if self._reading is not None:
+      self._reading.close()
+      self._reading = None

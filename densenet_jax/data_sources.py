@@ -232,6 +232,14 @@ class FolderSource:
   def num_examples(self, split: str, field: str) -> int:
     return len(self._listing(split, field)[2])
 
+  def files(self, split: str, field: str) -> dict:
+    """{class: [file names]} of a split, names relative to the class folder, in label order."""
+    classes, paths, labels = self._listing(split, field)
+    names = {name: [] for name in classes}
+    for path, label in zip(paths, labels):
+      names[classes[label]].append(display_path(os.path.basename(path)))
+    return names
+
   def shard(self, split: str, field: str, index: int, count: int,
             drop_remainder: bool) -> Shard:
     _, paths, labels = self._listing(split, field)

@@ -20,7 +20,7 @@ once and are padded to a common number of batches, the padding marked by mask=Fa
 
 import dataclasses
 import functools
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -159,6 +159,16 @@ def get_info(dataset_config: Any) -> DatasetInfo:
       num_eval_examples=source.num_examples(spec.eval_split, 'config.dataset.eval_split'),
       image_shape=(spec.image_size, spec.image_size, source.channels),
       class_names=getattr(source, 'class_names', None))
+
+
+def folder_listing(dataset_config: Any) -> Optional[Dict[str, Dict[str, list]]]:
+  """{split: {class: [file names]}} of a folder dataset's train and eval splits, else None."""
+  spec = _spec(dataset_config)
+  source = _source(spec)
+  if not hasattr(source, 'files'):
+    return None
+  return {spec.train_split: source.files(spec.train_split, 'config.dataset.train_split'),
+          spec.eval_split: source.files(spec.eval_split, 'config.dataset.eval_split')}
 
 
 def _epoch_seeds(seed: int, epoch: int, process_index: int) -> tuple:

@@ -14,7 +14,9 @@ from typing import Optional
 
 from absl import logging
 import jax
+from jax._src import distributed as jax_distributed  # Whether the preemption service runs.
 from jax.experimental import multihost_utils
+import numpy as np
 
 
 class Preemption:
@@ -23,14 +25,19 @@ class Preemption:
   In a single process, SIGTERM (and SIGINT, Ctrl-C) set a flag. In a multi-process run, JAX's
   preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any host and
   `reached_preemption_sync_point` makes every process agree on the same step, so that all of
-  them take part in the same final checkpoint.
+  them take part in the same final checkpoint. SIGINT on any host is passed to that service as
+  SIGTERM, so that it too stops every host at the same step. Checking costs about 0.2 us a step;
+  where the service is off, the processes exchange their flags every step instead (a few ms
+  on CPU).
   """
 
   def __init__(self):
     self._requested: Optional[str] = None
     self._previous = {}
     self._multiprocess = jax.process_count() > 1
-    signals = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
+    self._service = (self._multiprocess and
+                     jax_distributed.global_state.preemption_sync_manager is not None)
+    signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -42,16 +49,22 @@ class Preemption:
     self._requested = name
     logging.warning('Received %s: saving a checkpoint at the end of this step, then exiting.',
                     name)
+    if self._service:  # The service tells every host, and they agree on the step.
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def should_stop(self, step: int) -> bool:
     """Whether to checkpoint and stop after `step`; the same answer in every process."""
-    if self._multiprocess:
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          self._requested = 'SIGTERM'
-      except RuntimeError:  # No preemption service (e.g. disabled): rely on local signals.
-        pass
-    return self._requested is not None
+    if not self._multiprocess:
+      return self._requested is not None
+    if self._service:
+      if not multihost_utils.reached_preemption_sync_point(step):
+        return False
+    else:
+      flags = multihost_utils.process_allgather(np.int32(self._requested is not None))
+      if not np.any(flags):
+        return False
+    self._requested = self._requested or 'a signal to another process'
+    return True
 
   @property
   def reason(self) -> Optional[str]:

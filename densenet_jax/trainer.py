@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from densenet_jax import checkpointing
+from densenet_jax import coordination
 from densenet_jax import input_pipeline
 from densenet_jax import optimization
 from densenet_jax import pretrained
@@ -181,7 +182,10 @@ def _restore(checkpointer, state, plan: Plan, model, run_info: Dict[str, Any],
           f'The checkpoints in {checkpointer.directory} hold another train state; refusing to '
           f'resume with: {"; ".join(differing)}. Change these back, or use a new --workdir.')
 
-  restored = checkpointer.restore_latest_good(state, check_run_info)
+  restored = coordination.restore_as_process_0_decides(
+      lambda: checkpointer.restore_latest_good(state, check_run_info),
+      lambda step: checkpointer.restore_step(state, step, check_run_info),
+      errors=(validation.ConfigError, checkpointing.RestoreError))
   if restored is None:
     return state if init_checkpoint is None else _initialise(state, init_checkpoint, model)
   state, position, _, step = restored
@@ -205,6 +209,8 @@ def prepare(config: ml_collections.ConfigDict, device_count: int, process_count:
     message = str(e)
     raise validation.ConfigError(message if message.startswith('config.') else
                                  f'config.dataset: {message}') from None
+  # Hosts that list a folder dataset differently would train on different data: all stop.
+  coordination.check_same_listing(lambda: input_pipeline.folder_listing(config.dataset))
   model = build_model(config, info.num_classes)
   validation.validate_run(config, model, info, device_count, process_count)
   if config.init_checkpoint:
