@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Union
 os.environ.setdefault('EPATH_USE_TF', 'false')
 
 
-def _point_clients_at_emulator() -> None:
+def point_clients_at_emulator() -> None:
   """With $STORAGE_EMULATOR_HOST set (a local GCS emulator), sends every client there.
 
   gcsfs and google-cloud-storage read the variable themselves; TensorStore has its own
@@ -36,12 +36,18 @@ def _point_clients_at_emulator() -> None:
   os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 
-_point_clients_at_emulator()
-# gcsfs logs each file it opens at INFO level, which absl's handler would print.
-logging.getLogger('gcsfs').setLevel(logging.WARNING)
+point_clients_at_emulator()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath
+import fsspec
+
+# gcsfs logs each file it opens at INFO level, which absl's handler would print.
+logging.getLogger('gcsfs').setLevel(logging.WARNING)
+# gcsfs caches directory listings for the life of the process by default, and the arrays of a
+# checkpoint are written by TensorStore, which that cache never hears of: a listing made
+# before a save would hide the save's files (a run checking for a checkpoint it just wrote).
+fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
 
 Path = epath.Path
 PathLike = Union[str, os.PathLike]

@@ -137,9 +137,9 @@ class GcsLease:
   Object stores have no locks, but they have conditional writes on an object's generation. The
   lease is created only if absent (`ifGenerationMatch=0`), renewed only if still the holder's
   generation, and taken over only by a write conditional on the generation the taker saw, so
-  two runs can never both hold it. A lease is stale when its holder is a dead process of this
-  host, or when its generation has not changed for LEASE_SECONDS of the taker's own clock (no
-  clocks are compared across hosts). A holder that cannot renew for half of LEASE_SECONDS, or
+  two runs can never both hold it. A holder on this host is judged by its process and its
+  heartbeat's age; a holder elsewhere is stale only when the lease's generation has not changed
+  for LEASE_SECONDS of the taker's own clock (no clocks are compared across hosts). A holder that cannot renew for half of LEASE_SECONDS, or
   finds its lease taken, exits at once, before anyone may take over: it never writes to a
   workdir it no longer holds. Only the .lock object is ever written or deleted.
   """
@@ -183,17 +183,18 @@ class GcsLease:
       record = {}
     return blob.generation, record
 
-  def _holder_is_gone(self, record: Dict[str, Any]) -> bool:
-    """Whether the holder is a process of this host that no longer runs."""
+  def _holder_on_this_host(self, record: Dict[str, Any]) -> Optional[bool]:
+    """For a holder on this host: whether it still runs and renewed its lease in time (same
+    clock); None for a holder elsewhere, which only its heartbeats tell about."""
     if record.get('host') != socket.gethostname() or not isinstance(record.get('pid'), int):
-      return False
+      return None
     try:
       os.kill(record['pid'], 0)
     except ProcessLookupError:
-      return True
-    except PermissionError:  # Someone else's live process.
       return False
-    return False
+    except PermissionError:  # Another user's live process.
+      pass
+    return time.time() - float(record.get('heartbeat', 0)) < self.seconds
 
   def acquire(self) -> None:
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
@@ -207,8 +208,11 @@ class GcsLease:
       if seen is None:
         continue  # Released in between: try to create it again.
       generation, record = seen
-      if not self._holder_is_gone(record):
-        generation, record = self._wait_for_heartbeat(generation, record)
+      live = self._holder_on_this_host(record)
+      if live:
+        raise _in_use(self.workdir, record.get('holder', 'unknown'))
+      if live is None:
+        self._wait_for_heartbeat(generation, record)
       try:
         self._write(if_generation_match=generation)
       except exceptions.PreconditionFailed:  # Another run took it first.
@@ -232,7 +236,6 @@ class GcsLease:
       seen = self._read()
       if seen is None or seen[0] != generation:
         raise _in_use(self.workdir, (seen[1] if seen else record).get('holder', holder))
-    return generation, record
 
   def _heartbeat(self) -> None:
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top

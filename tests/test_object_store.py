@@ -1,0 +1,108 @@
+"""gs:// workdirs against a local GCS emulator: train, kill -9, resume, the lease.
+
+The quickstart run on a `gs://` workdir must end exactly as the same run on a local disk, with
+its checkpoints, results.json, progress.json and TensorBoard events in the bucket and nothing
+left on the machine; a second run on the workdir is refused with the local lock's message.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from densenet_jax import paths
+from densenet_jax import run_guard
+from densenet_jax import trainer
+import gcs_emulator
+from test_reliability import assert_same_run
+from test_reliability import start
+from test_reliability import steps_in
+from test_reliability import STEPS
+from test_training import tiny_config
+
+
+@pytest.fixture(scope='session')
+def bucket(tmp_path_factory):
+  emulator = gcs_emulator.Emulator(str(tmp_path_factory.mktemp('gcs') / 'emulator.log'))
+  yield f'gs://{gcs_emulator.BUCKET}'
+  emulator.stop()
+
+
+def committed_steps(workdir):
+  """Steps whose checkpoint is complete: on an object store Orbax writes a step in place and
+  marks it complete last, with commit_success.txt."""
+  return [s for s in steps_in(workdir)
+          if (paths.resolve(workdir) / 'checkpoints' / str(s) / 'commit_success.txt').exists()]
+
+
+def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket):
+  """The same run on a local disk and on gs://, side by side; the gs:// one is stopped after
+  its first checkpoint and killed with -9, and rerun, and ends exactly as the local run. A
+  second run started on its workdir while it holds it is refused."""
+  reference = str(tmp_path / 'local')
+  workdir = f'{bucket}/kill9'
+  local_run, local_log = start(reference)
+  proc, log = start(workdir, log_path=str(tmp_path / 'gs.log'))
+  while proc.poll() is None and not paths.resolve(f'{workdir}/.lock').exists():
+    time.sleep(0.05)
+  second, second_log = start(workdir, log_path=str(tmp_path / 'second.log'))
+  while proc.poll() is None and not committed_steps(workdir):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGSTOP)  # Holds the lease and writes nothing until killed.
+  assert proc.poll() is None, open(log.name).read()[-5000:]
+  holder = f'pid {proc.pid} on {socket.gethostname()}'
+  assert paths.read_json(f'{workdir}/.lock')['holder'] == holder
+  assert second.wait(timeout=300) != 0
+  assert f'Workdir {workdir} is in use by another run ({holder})' in open(
+      second_log.name).read()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = committed_steps(workdir)[-1]
+  assert killed_at < STEPS
+  resumed, log = start(workdir, log_path=str(tmp_path / 'resumed.log'))
+  assert resumed.wait(timeout=600) == 0, open(log.name).read()[-5000:]
+  text = open(log.name).read()
+  assert f'Restored checkpoint of step {killed_at}' in text
+  assert 'Took over the stale lease' in text
+  assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
+  assert_same_run(reference, workdir)
+  names = {p.name for p in paths.resolve(workdir).iterdir()}
+  assert {'checkpoints', 'results.json', 'progress.json'} <= names, names
+  assert any(n.startswith('events.out.tfevents.') for n in names), names
+  assert '.lock' not in names  # Released at the end.
+  assert not os.path.exists(os.path.join(gcs_emulator.ROOT, 'gs:'))  # Nothing went local.
+
+
+def test_lease_refuses_a_live_holder_and_takes_over_a_stale_one(bucket):
+  """A holder on another host is judged by its heartbeat alone: refused while it renews,
+  taken over once it has been silent for the lease's duration."""
+  workdir = f'{bucket}/lease'
+  holder = run_guard.GcsLease(workdir, seconds=2)
+  holder._owner = {'holder': 'pid 1 on elsewhere', 'host': 'elsewhere', 'pid': 1}
+  holder.acquire()
+  try:
+    begin = time.monotonic()
+    with pytest.raises(run_guard.WorkdirInUseError,
+                       match=f'Workdir {workdir} is in use by another run \\(pid 1 on '
+                             r'elsewhere\). Wait for it to finish'):
+      run_guard.GcsLease(workdir, seconds=2).acquire()
+    assert time.monotonic() - begin < 2
+  finally:
+    holder._stop.set()  # The holder stops renewing but keeps its lease object: it went silent.
+    holder._thread.join()
+  taker = run_guard.GcsLease(workdir, seconds=2)
+  begin = time.monotonic()
+  taker.acquire()
+  assert time.monotonic() - begin >= 2
+  assert paths.read_json(f'{workdir}/.lock')['pid'] == os.getpid()
+  taker.release()
+  assert not paths.resolve(f'{workdir}/.lock').exists()
+
+
+def test_in_process_run_on_a_held_gs_workdir_is_refused(bucket):
+  workdir = f'{bucket}/held'
+  with run_guard.WorkdirLock(workdir):
+    with pytest.raises(run_guard.WorkdirInUseError, match=r'in use by another run \(pid'):
+      trainer.train_and_evaluate(tiny_config(), workdir)
