@@ -10,9 +10,14 @@ import signal
 import socket
 import time
 
+import jax
+import numpy as np
 import pytest
 
+from densenet_jax import convert
+from densenet_jax import input_pipeline
 from densenet_jax import paths
+from densenet_jax import pretrained
 from densenet_jax import run_guard
 from densenet_jax import trainer
 import gcs_emulator
@@ -21,6 +26,7 @@ from test_reliability import start
 from test_reliability import steps_in
 from test_reliability import STEPS
 from test_training import tiny_config
+from densenet_jax.validation import ConfigError
 
 
 @pytest.fixture(scope='session')
@@ -106,3 +112,48 @@ def test_in_process_run_on_a_held_gs_workdir_is_refused(bucket):
   with run_guard.WorkdirLock(workdir):
     with pytest.raises(run_guard.WorkdirInUseError, match=r'in use by another run \(pid'):
       trainer.train_and_evaluate(tiny_config(), workdir)
+
+
+def upload(local_root, remote_root):
+  for directory, _, files in os.walk(local_root):
+    for name in files:
+      relative = os.path.relpath(os.path.join(directory, name), local_root)
+      with open(os.path.join(directory, name), 'rb') as f:
+        (paths.resolve(remote_root) / relative).write_bytes(f.read())
+
+
+def test_folder_dataset_on_gs_reads_as_the_local_one(tmp_path, bucket):
+  """Listing and reading go through the file layer: the same batches as from a local copy,
+  and a corrupt image is named by its gs:// path."""
+  from test_input_pipeline import folder_config, make_folder  # pylint: disable=g-import-not-at-top
+  local = make_folder(tmp_path / 'images', {'train': {'cat': 5, 'dog': 4}, 'test': {'cat': 2}})
+  remote = f'{bucket}/images'
+  upload(local, remote)
+  batches = {}
+  for root in (str(local), remote):
+    config = folder_config(root)
+    info = input_pipeline.get_info(config)
+    assert info.class_names == ('cat', 'dog') and info.num_train_examples == 9
+    batches[root] = (
+        list(input_pipeline.train_iterator(config, seed=0, local_batch_size=3, epoch=0)) +
+        list(input_pipeline.eval_iterator(config, local_batch_size=2, num_batches=1)))
+  for a, b in zip(batches[str(local)], batches[remote]):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  (paths.resolve(remote) / 'train' / 'dog' / '1.png').write_bytes(b'not an image')
+  with pytest.raises(ValueError, match=f'Cannot read or decode.*{remote}/train/dog/1.png'):
+    list(input_pipeline.train_iterator(folder_config(remote), seed=1, local_batch_size=3,
+                                       epoch=0))
+
+
+def test_converted_weights_on_gs(bucket):
+  """The converter's --output and config.init_checkpoint on gs://."""
+  variables = {'params': {'classifier': {'kernel': np.ones((3, 2), np.float32)}},
+               'batch_stats': {'norm': {'mean': np.zeros(3, np.float32)}}}
+  output = f'{bucket}/weights'
+  convert.save(variables, {'model': 'densenet121', 'overrides': {}}, output)
+  restored = pretrained.read_init_checkpoint(output)
+  jax.tree.map(np.testing.assert_array_equal, restored, variables)
+  assert pretrained.read_model_json(output)['model'] == 'densenet121'
+  with pytest.raises(ConfigError, match=f"init_checkpoint='{bucket}/none'.*variables/ "
+                                        'subdirectory'):
+    pretrained.read_init_checkpoint(f'{bucket}/none')
