@@ -91,14 +91,16 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str):
-    self._lease = GcsLease(workdir) if paths.is_remote(workdir) else None
+    self._workdir = workdir
+    self._lease = None
     self.path = os.path.join(workdir, '.lock')
     self._file = None
 
   def acquire(self) -> None:
     if jax.process_index() != 0:
       return  # The processes of one multi-host run are one run: the lead holds the lock.
-    if self._lease is not None:
+    if paths.is_remote(self._workdir):
+      self._lease = GcsLease(self._workdir)
       self._lease.acquire()
       return
     f = open(self.path, 'a+')
@@ -118,6 +120,7 @@ class WorkdirLock:
   def release(self) -> None:
     if self._lease is not None:
       self._lease.release()
+      self._lease = None
     if self._file is not None:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()

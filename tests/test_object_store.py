@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from densenet_jax import convert
+from densenet_jax import feature_reuse
 from densenet_jax import input_pipeline
 from densenet_jax import paths
 from densenet_jax import pretrained
@@ -74,6 +75,8 @@ def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket):
   assert 'Took over the stale lease' in text
   assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
   assert_same_run(reference, workdir)
+  jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
+               feature_reuse.load_params(reference))
   names = {p.name for p in paths.resolve(workdir).iterdir()}
   assert {'checkpoints', 'results.json', 'progress.json'} <= names, names
   assert any(n.startswith('events.out.tfevents.') for n in names), names
