@@ -187,8 +187,8 @@ class GcsLease:
     return blob.generation, record
 
   def _holder_on_this_host(self, record: Dict[str, Any]) -> Optional[bool]:
-    """For a holder on this host: whether it still runs and renewed its lease in time (same
-    clock); None for a holder elsewhere, which only its heartbeats tell about."""
+    """True for a holder of this host that runs and renewed its lease in time (same clock),
+    False for one whose process is gone; None otherwise, when only heartbeats can tell."""
     if record.get('host') != socket.gethostname() or not isinstance(record.get('pid'), int):
       return None
     try:
@@ -197,7 +197,9 @@ class GcsLease:
       return False
     except PermissionError:  # Another user's live process.
       pass
-    return time.time() - float(record.get('heartbeat', 0)) < self.seconds
+    if time.time() - float(record.get('heartbeat', 0)) < self.seconds:
+      return True
+    return None  # Running but silent (stopped, or its pid reused): watch it as any other.
 
   def acquire(self) -> None:
     from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
