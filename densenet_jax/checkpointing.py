@@ -18,9 +18,6 @@ checkpoint restores, nothing is moved and the run stops with the errors.
 """
 
 import errno
-
-import os
-import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -29,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from densenet_jax import paths
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ECONNRESET,
                      errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
@@ -69,8 +67,8 @@ class Checkpointer:
   """Asynchronous, keep-N checkpoints of one run, with fallback past damaged ones."""
 
   def __init__(self, workdir: str, *, keep: int, asynchronous: bool = True):
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.workdir = paths.resolve(workdir)  # Local or gs://: Orbax takes epath Paths.
+    self.directory = self.workdir / 'checkpoints'
     self._keep = keep
     self._asynchronous = asynchronous
     self._manager = self._open()
@@ -219,13 +217,13 @@ class Checkpointer:
     return error
 
   def _quarantine(self, step: int, error: Exception) -> None:
-    target = os.path.join(self.workdir, 'checkpoints_corrupt', f'{step}-{int(time.time())}')
+    target = self.workdir / 'checkpoints_corrupt' / f'{step}-{int(time.time())}'
     logging.warning('Checkpoint %d in %s is unreadable (%s: %s) while an older one restores; '
                     'moving it to %s.', step, self.directory,
                     type(error).__name__, str(error)[:500], target)
     # Only process 0 decides what to restore (coordination.py): the others reload after it.
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (self.directory / str(step)).rename(target)
     self.reload()
 
   def wait_until_finished(self) -> None:

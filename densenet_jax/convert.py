@@ -25,7 +25,6 @@ The output directory holds `variables/` (an Orbax checkpoint of {'params', 'batc
 evaluation from it.
 """
 
-import json
 import os
 import re
 from typing import Any, Callable, Dict, Tuple
@@ -36,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from densenet_jax import paths
 from densenet_jax.models import create_model
 
 KERAS_EPSILON = 1.001e-5
@@ -259,14 +259,13 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
 def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:
   """Writes OUTPUT/variables (Orbax) and OUTPUT/model.json."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  output = os.path.abspath(output)
-  os.makedirs(output, exist_ok=True)
+  output = paths.resolve(output)  # A local directory or gs://.
+  output.mkdir(parents=True, exist_ok=True)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.join(output, 'variables'), variables, force=True)
+  checkpointer.save(output / 'variables', variables, force=True)
   checkpointer.wait_until_finished()  # The save is asynchronous; the CLI must not exit before.
   checkpointer.close()
-  with open(os.path.join(output, 'model.json'), 'w') as f:
-    json.dump(meta, f, indent=2)
+  paths.write_json(output / 'model.json', meta)
 
 
 _SOURCE = flags.DEFINE_string('source', None, 'Weights file (.pth, .safetensors, .h5, .keras).')
@@ -280,7 +279,7 @@ def main(argv):
   save(variables, meta, _OUTPUT.value)
   print(f'Wrote {meta["model"]} ({meta["source"]}, {meta["num_classes"]} classes) to '
         f'{_OUTPUT.value}. Train or evaluate from it with --config.init_checkpoint='
-        f'{os.path.abspath(_OUTPUT.value)}' +
+        f'{paths.resolve(_OUTPUT.value)}' +
         (f' --config.model.bn_epsilon={KERAS_EPSILON}' if meta['source'] == 'keras' else ''))
 
 

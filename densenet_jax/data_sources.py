@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from densenet_jax import paths
+
 FOLDER_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # Larger images are refused before decoding (a small file can declare a huge image that would
 # take all memory to decode): PIL's limit for decompression bombs, 89.5 megapixels.
@@ -96,15 +98,24 @@ class DigitsSource:
     return _in_memory_shard(images, labels, 1, index, count, drop_remainder)
 
 
+# The folder dataset's paths, local or gs://, go through the package's file layer.
+def _join(directory: str, name: str) -> str:
+  return os.fspath(paths.Path(directory) / name)
+
+
+def _isdir(directory: str) -> bool:
+  return paths.Path(directory).is_dir()
+
+
 def _image_files(directory: str) -> list:
-  return sorted(os.path.join(directory, f) for f in os.listdir(directory)
-                if f.lower().endswith(FOLDER_EXTENSIONS) and not f.startswith('.'))
+  return sorted(os.fspath(p) for p in paths.Path(directory).iterdir()
+                if p.name.lower().endswith(FOLDER_EXTENSIONS) and not p.name.startswith('.'))
 
 
 def _subdirs(directory: str) -> list:
   # Hidden directories (.ipynb_checkpoints, ...) are not classes.
-  return sorted(d for d in os.listdir(directory)
-                if not d.startswith('.') and os.path.isdir(os.path.join(directory, d)))
+  return sorted(p.name for p in paths.Path(directory).iterdir()
+                if not p.name.startswith('.') and p.is_dir())
 
 
 
@@ -117,8 +128,8 @@ def _check_subdirs(directory: str, classes) -> None:
   """Class folders with no image, or with folders inside (not read), are errors naming them."""
   empty, nested = [], []
   for name in classes:
-    path = os.path.join(directory, name)
-    if not os.path.isdir(path):
+    path = _join(directory, name)
+    if not _isdir(path):
       continue
     if _subdirs(path):
       nested.append(display_path(path))
@@ -139,23 +150,23 @@ def _folder_listing(root: str, train_split: str, split: str, field: str) -> tupl
   """(classes, paths, labels) of ROOT/split; listed once per process, as it may take long."""
   layout = (f'The folder dataset (config.dataset.data_dir={root}) must be laid out as '
             f'{FOLDER_LAYOUT}.')
-  directory = os.path.join(root, split)
-  if not os.path.isdir(directory):
+  directory = _join(root, split)
+  if not _isdir(directory):
     raise FileNotFoundError(f'{field}={split!r}: no directory {directory}. {layout}')
-  classes = _subdirs(os.path.join(root, train_split))
+  classes = _subdirs(_join(root, train_split))
   unknown = sorted(set(_subdirs(directory)) - set(classes))
   if unknown:
     raise ValueError(f'{directory} has classes {unknown} that the training split '
-                     f'{os.path.join(root, train_split)} does not have; the classes are the '
+                     f'{_join(root, train_split)} does not have; the classes are the '
                      'subdirectories of the training split, and evaluation may only use them.')
   if not classes:
-    raise FileNotFoundError(f'No class folders in {display_path(os.path.join(root, train_split))}. '
+    raise FileNotFoundError(f'No class folders in {display_path(_join(root, train_split))}. '
                             f'{layout}')
   _check_subdirs(directory, classes)
   paths, labels = [], []
   for label, name in enumerate(classes):
-    if os.path.isdir(os.path.join(directory, name)):
-      files = _image_files(os.path.join(directory, name))
+    if _isdir(_join(directory, name)):
+      files = _image_files(_join(directory, name))
       paths += [os.fsencode(f) for f in files]  # Bytes: names need not be valid UTF-8.
       labels += [label] * len(files)
   if not paths:
@@ -182,8 +193,20 @@ def _declared_pixels(contents: tf.Tensor) -> tf.Tensor:
                  default=lambda: tf.constant(0, tf.int64))
 
 
+def _read_remote(path: tf.Tensor) -> bytes:
+  return paths.Path(path.numpy().decode()).read_bytes()
+
+
+def _read_file(path: tf.Tensor) -> tf.Tensor:
+  """The bytes of the file at `path`: TensorFlow reads local files, the package's file layer
+  (paths.py) object-store ones, whose TensorFlow client cannot be pointed at an emulator."""
+  return tf.cond(tf.strings.regex_full_match(path, '[a-z][a-z0-9+.-]*://.*'),
+                 lambda: tf.reshape(tf.py_function(_read_remote, [path], tf.string), []),
+                 lambda: tf.io.read_file(path))
+
+
 def _decode_file(path: tf.Tensor) -> tf.Tensor:
-  contents = tf.io.read_file(path)
+  contents = _read_file(path)
   check = tf.debugging.assert_less_equal(
       _declared_pixels(contents), tf.constant(MAX_PIXELS, tf.int64),
       message=f'image larger than data_sources.MAX_PIXELS={MAX_PIXELS} pixels (a '
@@ -219,7 +242,7 @@ class FolderSource:
     if not root:
       raise ValueError("config.dataset.name='folder' needs config.dataset.data_dir: the "
                        f'directory ROOT of {FOLDER_LAYOUT}.')
-    if not os.path.isdir(root):
+    if not _isdir(root):
       raise FileNotFoundError(f'config.dataset.data_dir={root}: no such directory. The folder '
                               f'dataset must be laid out as {FOLDER_LAYOUT}.')
     self._root, self._train_split = root, train_split
@@ -273,7 +296,7 @@ def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilde
   if not builder.is_prepared():
     path = builder.data_path  # ROOT/name[/config]/version
     root = path.parents[2 if builder.builder_config else 1]
-    found = sorted(os.listdir(path.parent)) if path.parent.is_dir() else []
+    found = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
     how = f'`tfds build {name} --data_dir={root}` on a machine with network access'
     if name.startswith('imagenet2012'):
       how = ('placing ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from image-net.org) '

@@ -19,12 +19,13 @@ paper's colour scale per block shows the same pattern less evenly. `reuse_matric
 raw means.
 """
 
-import os
 from typing import Any, Dict, List, Optional
 
 from absl import app
 from absl import flags
 import numpy as np
+
+from densenet_jax import paths
 
 
 def supports(model: Optional[Dict[str, Any]]) -> bool:
@@ -80,13 +81,15 @@ def normalise_columns(matrix: np.ndarray) -> np.ndarray:
 def load_params(workdir: str) -> Dict[str, Any]:
   """The parameters of the newest complete checkpoint in WORKDIR/checkpoints."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(workdir, 'checkpoints')
-  steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
-      directory) else []
+  directory = paths.resolve(workdir) / 'checkpoints'  # Local or gs://.
+  # On an object store Orbax writes a step in place and marks it complete last.
+  complete = ((lambda p: (p / 'commit_success.txt').exists()) if paths.is_remote(directory)
+              else (lambda p: True))
+  steps = sorted(int(p.name) for p in directory.iterdir()
+                 if p.name.isdigit() and complete(p)) if directory.is_dir() else []
   if not steps:
     raise FileNotFoundError(f'{directory}: no checkpoint to read weights from.')
-  return ocp.StandardCheckpointer().restore(
-      os.path.join(directory, str(steps[-1]), 'state'))['params']
+  return ocp.StandardCheckpointer().restore(directory / str(steps[-1]) / 'state')['params']
 
 
 def plot(matrices: List[np.ndarray], path: str, title: str = '') -> None:
@@ -117,7 +120,7 @@ def plot(matrices: List[np.ndarray], path: str, title: str = '') -> None:
 
 def write_figure(workdir: str, path: str) -> None:
   plot(reuse_matrices(load_params(workdir)), path,
-       title=f'Feature reuse: {os.path.basename(os.path.normpath(workdir))}')
+       title=f'Feature reuse: {paths.resolve(workdir).name}')
 
 
 def main(argv):

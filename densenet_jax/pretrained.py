@@ -7,8 +7,6 @@ then keeps its fresh initialisation, which the log says. Any other difference is
 naming the first variable and both shapes.
 """
 
-import json
-import os
 from typing import Any, Dict
 
 from absl import logging
@@ -16,13 +14,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from densenet_jax import paths
 from densenet_jax import validation
 
 
 def read_init_checkpoint(directory: str) -> Dict[str, Any]:
   """{'params', 'batch_stats'} as numpy arrays, from a converted-weights directory."""
-  path = os.path.join(os.path.abspath(directory), 'variables')
-  if not os.path.isdir(path):
+  path = paths.resolve(directory) / 'variables'  # A local directory or gs://.
+  if not path.is_dir():
     raise validation.ConfigError(
         f'config.init_checkpoint={directory!r}: expected a directory written by '
         f'`python -m densenet_jax.convert` (with a variables/ subdirectory); {path} is missing.')
@@ -30,11 +29,7 @@ def read_init_checkpoint(directory: str) -> Dict[str, Any]:
 
 
 def read_model_json(directory: str) -> Dict[str, Any]:
-  path = os.path.join(directory, 'model.json')
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return paths.read_json(paths.resolve(directory) / 'model.json') or {}
 
 
 def _flat(tree) -> Dict[str, Any]:

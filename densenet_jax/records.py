@@ -6,39 +6,31 @@ reached and the training time so far, rewritten at every log point; a sweep show
 running point, and a resumed run adds its time to the earlier sessions'.
 """
 
-import json
-import os
 from typing import Any, Dict, Optional
 
 import jax
+
+from densenet_jax import paths
 
 RESULTS = 'results.json'
 PROGRESS = 'progress.json'
 
 
-def read_json(path: str) -> Optional[Dict[str, Any]]:
-  """The JSON object in `path`, or None if there is no such file."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
+read_json = paths.read_json
 
 
-def write_json(path: str, record: Dict[str, Any]) -> None:
-  """Writes `record` to `path` whole or not at all (process 0 only)."""
+def write_json(path: paths.PathLike, record: Dict[str, Any]) -> None:
+  """Writes `record` to `path` (local or gs://) whole or not at all (process 0 only)."""
   if jax.process_index() != 0:
     return
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2, default=str)
-  os.replace(path + '.tmp', path)
+  paths.write_json(path, record)
 
 
 def write_results(workdir: str, step: int, eval_metrics: Dict[str, float], config,
                   timer: Optional['TrainTimer'] = None) -> None:
   """WORKDIR/results.json: the run's final step, metrics, training time and config."""
   timing = {**timer.summary(), **timer.run} if timer is not None else {}
-  write_json(os.path.join(workdir, RESULTS),
+  write_json(paths.resolve(workdir) / RESULTS,
              {'step': step, **eval_metrics, **timing, 'config': config.to_dict()})
 
 
@@ -54,7 +46,7 @@ class TrainTimer:
   def __init__(self, workdir: str, num_train_steps: int, global_batch: int,
                run: Dict[str, Any]):
     """`run`: what describes the run beside its time (model, params, steps per epoch...)."""
-    self.path = os.path.join(workdir, PROGRESS)
+    self.path = paths.resolve(workdir) / PROGRESS
     self.num_train_steps = num_train_steps
     self.global_batch = global_batch
     self.run = run

@@ -10,12 +10,10 @@ batches, augmentations and dropout masks that the uninterrupted run would have s
 import collections
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Dict, Iterator, Optional
 
 from absl import logging
-from clu import metric_writers
 from clu import periodic_actions
 import jax
 import jax.numpy as jnp
@@ -25,7 +23,9 @@ import numpy as np
 from densenet_jax import checkpointing
 from densenet_jax import coordination
 from densenet_jax import input_pipeline
+from densenet_jax import metric_writer
 from densenet_jax import optimization
+from densenet_jax import paths
 from densenet_jax import pretrained
 from densenet_jax import records
 from densenet_jax import run_guard
@@ -219,8 +219,8 @@ def prepare(config: ml_collections.ConfigDict, device_count: int, process_count:
 
 
 def _has_checkpoints(workdir: str) -> bool:
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(s.isdigit() for s in os.listdir(directory))
+  directory = paths.resolve(workdir) / 'checkpoints'
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -239,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     raise validation.ConfigError(
         f'config.eval_only=True: {workdir} has no checkpoint to evaluate and '
         'config.init_checkpoint is not set; train first, or point init_checkpoint at weights.')
-  os.makedirs(workdir, exist_ok=True)
+  paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
   with run_guard.WorkdirLock(workdir):
     return _run(config, workdir, info, model)
 
@@ -271,13 +271,13 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   run_info = run_description(config, model, info)
   state = _restore(checkpointer, state, plan, model, run_info, config.init_checkpoint)
   if info.class_names:  # Which class each output is, for whoever uses the trained model.
-    records.write_json(os.path.join(workdir, 'classes.json'),
+    records.write_json(paths.resolve(workdir) / 'classes.json',
                        {'classes': dict(enumerate(info.class_names))})
   start_step = int(state.step)
   p_train, p_eval = train_lib.compile_steps(model, tx, schedule, config.label_smoothing,
                                             state_shardings, mesh)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writer.create(workdir, just_logging=jax.process_index() > 0)
   if config.eval_only:
     eval_metrics = evaluate(p_eval, state, config, plan, mesh)
     writer.write_scalars(start_step, eval_metrics)

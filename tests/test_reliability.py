@@ -20,6 +20,7 @@ import pytest
 
 from densenet_jax import checkpointing
 from densenet_jax import data_sources
+from densenet_jax import paths
 from densenet_jax import run_guard
 from densenet_jax import trainer
 from densenet_jax.validation import ConfigError
@@ -36,8 +37,9 @@ LONG = [f'--config.num_train_steps={STEPS}', '--config.checkpoint_every_steps=2'
         '--config.eval_every_steps=20']
 
 
-def start(workdir, *extra):
-  log = open(os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + '.log'), 'a')
+def start(workdir, *extra, log_path=None):
+  """train.py on `workdir` (local or gs://), its output in `log_path` (default: WORKDIR.log)."""
+  log = open(log_path or (workdir + '.log'), 'a')
   return train_py(workdir, *LONG, *extra, stdout=log, stderr=subprocess.STDOUT), log
 
 
@@ -63,9 +65,9 @@ def uninterrupted(tmp_path_factory):
 
 
 def steps_in(workdir):
-  directory = os.path.join(workdir, 'checkpoints')
-  return sorted(int(s) for s in os.listdir(directory) if s.isdigit()) if os.path.isdir(
-      directory) else []
+  directory = paths.resolve(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
+      directory.is_dir()) else []
 
 
 def writing(workdir):

@@ -1,6 +1,5 @@
 """The training system end to end on a tiny DenseNet-BC and scikit-learn's digits (offline)."""
 
-import json
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ import pytest
 from configs import quickstart
 from densenet_jax import input_pipeline
 from densenet_jax import optimization
+from densenet_jax import paths
 from densenet_jax import train_lib
 from densenet_jax import trainer
 from densenet_jax.native import onednn
@@ -81,8 +81,7 @@ def load_params(workdir, step):
 
 
 def results(workdir):
-  with open(os.path.join(workdir, 'results.json')) as f:
-    return json.load(f)
+  return paths.read_json(os.path.join(workdir, 'results.json'))  # Local or gs://.
 
 
 def test_train_checkpoint_evaluate_in_process(tmp_path):
