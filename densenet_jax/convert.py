@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from densenet_jax.models import create_model
+from densenet_jax.models import resnet as resnet_layout
 from densenet_jax.models import resnet_variants
 
 KERAS_EPSILON = 1.001e-5
@@ -241,7 +242,9 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
     state = read_torch_state_dict(source_path)
     classifier = _torch_name(('classifier', 'bias'), resnet)[0]
     num_classes = state[classifier].shape[0] if classifier in state else 1000
-  model = create_model(model_name, num_classes=int(num_classes), **overrides)
+  # A ResNet's blocks by their own names (the sources' layout), stacked at the end.
+  unrolled = {'scan_blocks': False} if resnet else {}
+  model = create_model(model_name, num_classes=int(num_classes), **overrides, **unrolled)
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
   flat = {}
@@ -275,7 +278,10 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
                             f'does not use, e.g. {unexpected[:5]}: another architecture?')
   meta = {'model': model_name, 'overrides': overrides, 'num_classes': int(num_classes),
           'source': kind, 'source_file': os.path.abspath(source_path)}
-  return _unflatten(flat), meta
+  variables = _unflatten(flat)
+  if resnet:
+    variables = resnet_layout.to_layout(create_model(model_name), variables)
+  return variables, meta
 
 
 def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:

@@ -1,9 +1,10 @@
 """What the trainer, its checks, records and summaries ask of a model, for each family.
 
 A run needs a few facts about its network beyond `apply`: its multiply-accumulates per image
-(the `gmacs` of results.json and the report), the smallest input it can take (validation), and
+(the `gmacs` of results.json and the report), the smallest input it can take (validation),
 which fields only change *how* it is computed (dtype, scanning, recomputation), which a
-checkpoint need not agree on. Each family answers them in `FAMILIES`; `family_of` is the one
+checkpoint need not agree on, and how to bring variables saved in another layout of the same
+network (a ResNet's unrolled or scanned blocks) into the model's. Each family answers them in `FAMILIES`; `family_of` is the one
 place that tells the families apart.
 """
 
@@ -23,14 +24,18 @@ class Family:
   macs: Callable[[Any, int, int], int]
   # model -> smallest input height and width.
   min_image_size: Callable[[Any], int]
-  # Fields that change how the network is computed, not the network.
+  # Fields that change how the network is computed, not the network nor its variables.
   computation_fields: Tuple[str, ...]
+  # (model, {'params', 'batch_stats'}) -> the same variables in the model's layout.
+  layout: Callable[[Any, Dict[str, Any]], Dict[str, Any]] = lambda model, variables: variables
 
 
 FAMILIES = (
     Family(densenet.DenseNet, complexity.densenet_macs, densenet.min_image_size,
            ('dtype', 'memory_efficient', 'scan_segments', 'scan_chunk')),
-    Family(resnet.ResNet, resnet.resnet_macs, resnet.min_image_size, ('dtype', 'scan_blocks')),
+    # scan_blocks is not among them: it stacks the blocks' variables (resnet.to_layout).
+    Family(resnet.ResNet, resnet.resnet_macs, resnet.min_image_size, ('dtype',),
+           resnet.to_layout),
 )
 
 

@@ -19,12 +19,13 @@ and its head adds a final BN-ReLU.
 All images are `[batch, height, width, channels]`.
 """
 
-from typing import Any, Sequence
+from typing import Any, Dict, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from densenet_jax.models import initializers
 from densenet_jax.models import ops
 from densenet_jax.models.densenet import Conv
 from densenet_jax.models.densenet import Conv1x1
@@ -111,10 +112,11 @@ class Stage(nn.Module):
   """`num_blocks` residual blocks at one resolution; the first may stride and change the maps.
 
   The blocks after the first are identical in shape, so with `scan_blocks` they run as one
-  `lax.scan` over their stacked variables: the compiled program, and its compile time, stay
-  the same size for 18 blocks or 111 (`_scanned_blocks`). Their variables are declared and
-  initialised unrolled, `block2` ... `blockN`, so checkpoints and converted weights are the same
-  either way, and the block's math is the same module in both.
+  `nn.scan` whose variables are stacked on a leading axis under `blocks` (block 2 first): the
+  train step then holds one block's program and one set of variables per stage whatever the
+  depth, and compiles as fast for 111 blocks as for 18. Unrolled, the blocks are `block2` ...
+  `blockN`; `stack_blocks` and `unstack_blocks` move checkpoints between the two layouts.
+  The block's math is the same module either way.
   """
 
   num_blocks: int
@@ -128,46 +130,60 @@ class Stage(nn.Module):
   dtype: Dtype = jnp.float32
   scan_blocks: bool = True
 
-  def _block(self, strides: int, **kwargs) -> ResidualBlock:
+  def _block(self, strides: int, name: str) -> ResidualBlock:
     return ResidualBlock(self.width, strides, self.bottleneck, self.preactivation,
-                         self.shortcut, self.bn_epsilon, self.bn_momentum, self.dtype, **kwargs)
+                         self.shortcut, self.bn_epsilon, self.bn_momentum, self.dtype,
+                         name=name)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = self._block(self.strides, name='block1')(x, train)
-    names = [f'block{i}' for i in range(2, self.num_blocks + 1)]
-    # Initialisation runs unrolled: it creates the variables under their own names, and
-    # initializers.deferred() must see every kernel (a scan would hide them in its body).
-    if self.scan_blocks and len(names) > 1 and not self.is_initializing():
-      return _scanned_blocks(self, self._block(1, parent=None), names, x, train)
-    for name in names:
-      x = self._block(1, name=name)(x, train)
+    x = self._block(self.strides, 'block1')(x, train)
+    if scans(self.num_blocks, self.scan_blocks):
+      scan = nn.scan(lambda block, carry, _: (block(carry, train), None),
+                     variable_axes={'params': 0, 'batch_stats': 0},
+                     split_rngs={'params': True}, length=self.num_blocks - 1)
+      # The kernels are drawn inside the scan's body, where deferred() cannot replace them.
+      with initializers.immediate():
+        x, _ = scan(self._block(1, 'blocks'), x, None)
+      return x
+    for i in range(2, self.num_blocks + 1):
+      x = self._block(1, f'block{i}')(x, train)
     return x
 
 
-def _scanned_blocks(stage: nn.Module, block: ResidualBlock, names: Sequence[str], x: Array,
-                    train: bool) -> Array:
-  """The blocks `names` of `stage`, one after another, as a scan of the unbound `block`.
+def scans(num_blocks: int, scan_blocks: bool) -> bool:
+  """Whether a stage of `num_blocks` scans its blocks after the first (two or more of them)."""
+  return scan_blocks and num_blocks > 2
 
-  The scan reads the blocks' variables from the stage's (where the unrolled blocks keep them)
-  stacked on a leading axis, and writes each block's new BatchNorm averages back under its name.
-  """
-  variables = stage.variables
-  collections = ('params', 'batch_stats')
-  stacked = {c: jax.tree.map(lambda *v: jnp.stack(v), *[variables[c][n] for n in names])
-             for c in collections}
 
-  def body(carry, block_variables):
-    if not train:
-      return block.apply(block_variables, carry, train=False), None
-    y, updates = block.apply(block_variables, carry, train=True, mutable=['batch_stats'])
-    return y, updates['batch_stats']
+def stack_blocks(collection: Dict[str, Any]) -> Dict[str, Any]:
+  """One collection ('params' or 'batch_stats') of an unrolled ResNet in the scanned layout:
+  each stage's block2 ... blockN stacked on a new leading axis as `blocks`."""
+  out = dict(collection)
+  for stage, blocks in collection.items():
+    if stage.startswith('stage') and 'block3' in blocks:
+      rest = [blocks[f'block{i}'] for i in range(2, len(blocks) + 1)]
+      out[stage] = {'block1': blocks['block1'],
+                    'blocks': jax.tree.map(lambda *v: jnp.stack(v), *rest)}
+  return out
 
-  x, batch_stats = jax.lax.scan(body, x, stacked)
-  if train:
-    for i, name in enumerate(names):
-      stage.put_variable('batch_stats', name, jax.tree.map(lambda v, i=i: v[i], batch_stats))
-  return x
+
+def unstack_blocks(collection: Dict[str, Any]) -> Dict[str, Any]:
+  """The inverse of `stack_blocks`: each stage's `blocks` as block2 ... blockN."""
+  out = dict(collection)
+  for stage, blocks in collection.items():
+    if stage.startswith('stage') and 'blocks' in blocks:
+      count = jax.tree.leaves(blocks['blocks'])[0].shape[0]
+      out[stage] = {'block1': blocks['block1'], **{
+          f'block{i + 2}': jax.tree.map(lambda v, i=i: v[i], blocks['blocks'])
+          for i in range(count)}}
+  return out
+
+
+def to_layout(model: 'ResNet', variables: Dict[str, Any]) -> Dict[str, Any]:
+  """`variables` ({'params', 'batch_stats'}, either layout) in `model`'s layout."""
+  convert = stack_blocks if model.scan_blocks else unstack_blocks
+  return {name: convert(unstack_blocks(collection)) for name, collection in variables.items()}
 
 
 class ResNet(nn.Module):
@@ -190,8 +206,9 @@ class ResNet(nn.Module):
     bn_momentum: BatchNorm running-average decay in Flax's convention (torchvision's 0.1 is
       0.9 here).
     dtype: computation dtype (float32 or bfloat16); parameters are always float32.
-    scan_blocks: run each stage's blocks after the first as one scanned loop (compile time
-      independent of depth); False unrolls them. Same variables either way.
+    scan_blocks: run each stage's blocks after the first as one scanned loop over their
+      stacked variables (compile time independent of depth); False unrolls them, under
+      their own names (`to_layout` converts checkpoints).
   """
 
   stage_sizes: Sequence[int]
