@@ -3,16 +3,18 @@
     python benchmarks/throughput.py                      # the default grid, this machine
     python benchmarks/throughput.py --cases=densenet121:8:float32:std-scan1 --steps=5
     python benchmarks/throughput.py --torch=False --json=out.json --markdown=out.md
+    python benchmarks/throughput.py --cases=resnet50:8:float32:std-scan1,resnet110:64:float32:std-scan1
 
 Each case runs in a fresh process so that its peak resident memory is its own. A case is
 MODEL:BATCH:DTYPE:MODE, MODE 'std' (standard), 'eff' (memory-efficient), each
 optionally with '-scanN' (each dense block as at most N scanned loops, scanned.py; plain
-'std'/'eff' compile every layer separately). Images are 224x224 for ImageNet
-models and 32x32 for CIFAR ones. For each case the table gives: train images/s and inference
+'std'/'eff' compile every layer separately). ResNets take 'std' (every block compiled
+separately) or 'std-scan1' (each stage's blocks after the first as one scanned loop, their
+default). Images are 224x224 for ImageNet models and 32x32 for CIFAR ones. For each case the table gives: train images/s and inference
 images/s (median over --steps timed steps after two warm-up steps), the train step's compile
 time, XLA's compiled temporary memory of the train step, and the process's peak RSS. When torch
 and torchvision are importable, torchvision's same model (DenseNet-BC-100 with a CIFAR stem
-swapped in) is measured on the same inputs, float32 (and bfloat16 on a GPU, below), and the
+swapped in; for resnet110 the small torch CIFAR ResNet below) is measured on the same inputs, float32 (and bfloat16 on a GPU, below), and the
 ratio jax/torch is printed.
 
 On a GPU or TPU host run the same command after installing the matching jax (jax[cuda12] or
@@ -48,7 +50,8 @@ _CASES = flags.DEFINE_list(
     'cases', ['densenet121:8:float32:std-scan1', 'densenet121:8:float32:eff-scan1',
               'densenet121:8:bfloat16:std-scan1', 'densenet_bc100_k12:64:float32:std-scan1',
               'densenet_bc100_k12:64:float32:eff-scan1',
-              'densenet_bc100_k12:64:bfloat16:std-scan1'],
+              'densenet_bc100_k12:64:bfloat16:std-scan1', 'resnet50:8:float32:std-scan1',
+              'resnet110:64:float32:std-scan1'],
     'MODEL:BATCH:DTYPE:MODE cases (default: the models\' default scanned blocks).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also measure torchvision when installed.')
@@ -89,8 +92,14 @@ def _timed(fn, steps, after_warmup=None):
   return statistics.median(times)
 
 
-def model_options(mode):
-  """create_model keyword arguments for a MODE string: std, eff, std-scanN or eff-scanN."""
+def model_options(name, mode):
+  """create_model keyword arguments for a MODE string: std, eff, std-scanN or eff-scanN; for a
+  ResNet std or std-scan1."""
+  from densenet_jax.models import resnet_variants  # pylint: disable=g-import-not-at-top
+  if name in resnet_variants.RESNET_NAMES:
+    if mode in ('std', 'std-scan1'):
+      return dict(scan_blocks=mode == 'std-scan1')
+    raise ValueError(f'mode {mode!r} for ResNet {name}: expected std or std-scan1')
   memory, _, scan = mode.partition('-')
   if (memory in ('std', 'eff') and (not scan or (
       scan.startswith('scan') and scan[4:].isdigit() and int(scan[4:]) > 0))):
@@ -105,7 +114,7 @@ def measure_jax(name, batch, dtype, mode, steps):
   from densenet_jax import train_lib
   from densenet_jax.models import create_model
 
-  model = create_model(name, dtype=jnp.dtype(dtype), **model_options(mode))
+  model = create_model(name, dtype=jnp.dtype(dtype), **model_options(name, mode))
   compiled, state, data, compile_s, temp_mib = compiled_train_step(model, batch)
   device = jax.devices()[0]
   about = dict(device=str(device.device_kind), platform=device.platform, jax=jax.__version__,
@@ -129,10 +138,45 @@ def measure_jax(name, batch, dtype, mode, steps):
               peak_device_mib=peak_device_mib, **about)
 
 
+def torch_cifar_resnet(depth):
+  """He et al.'s CIFAR ResNet of `depth` (6n + 2) in torch, as `resnet_cifar` builds it: basic
+  blocks at 16, 32, 64 maps, option A shortcuts (subsample, append zero maps)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn
+
+  class Block(nn.Module):
+
+    def __init__(self, inputs, width, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(inputs, width, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(width)
+      self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(width)
+      self.stride, self.extra = stride, width - inputs
+
+    def forward(self, x):
+      y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+      shortcut = nn.functional.pad(x[:, :, ::self.stride, ::self.stride],
+                                   (0, 0, 0, 0, 0, self.extra))
+      return torch.relu(y + shortcut)
+
+  layers = [nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+  inputs = 16
+  for stage, width in enumerate((16, 32, 64)):
+    for block in range((depth - 2) // 6):
+      layers.append(Block(inputs, width, 2 if stage and not block else 1))
+      inputs = width
+  return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
 def _torch_model(name, mode):
   import torch  # pylint: disable=g-import-not-at-top
   import torchvision
   efficient = mode == 'eff'
+  if name == 'resnet110':
+    return torch_cifar_resnet(110), 32
+  if name.startswith('resnet'):
+    return getattr(torchvision.models, name)(), 224
   if name == 'densenet_bc100_k12':
     model = torchvision.models.DenseNet(growth_rate=12, block_config=(16, 16, 16),
                                         num_init_features=24, bn_size=4, num_classes=10,
@@ -268,7 +312,7 @@ def main(argv):
   # Both frameworks' workers inherit the restarted environment, so they are compared alike.
   hugepages.restart_with_hugepages()
   for case in _CASES.value:
-    model_options(case.split(':')[-1])   # a bad MODE fails here, before any measurement
+    model_options(case.split(':')[0], case.split(':')[-1])   # a bad MODE fails here, first
   if _WORKER.value:
     _run_worker(_WORKER.value)
     return

@@ -17,10 +17,13 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = ml_collections.ConfigDict()
-  # A densenet_jax.models.create_model name, e.g. 'densenet121' or 'densenet_bc100_k12'.
+  # A densenet_jax.models.create_model name, e.g. 'densenet121', 'densenet_bc100_k12' or
+  # 'resnet50'.
   config.model.name = 'densenet121'
-  # Any DenseNet field below overrides the named model's value; None keeps the model's own.
-  # Depth L of a CIFAR DenseNet (block sizes follow from it).
+  # Any field below that is not None overrides the named model's value; None keeps the model's
+  # own. Each applies to the models that have it (DenseNet or ResNet); set for a model without
+  # it, the run stops before compiling with an error naming it.
+  # Depth L of a CIFAR DenseNet or ResNet (block or stage sizes follow from it).
   config.model.depth = config_dict.placeholder(int)
   # Number of dense layers in each block, e.g. (6, 12, 24, 16); ImageNet models.
   config.model.block_sizes = config_dict.placeholder(tuple)
@@ -30,11 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_size = config_dict.placeholder(int)
   # theta in (0, 1]: transitions keep floor(theta * C) maps.
   config.model.compression = config_dict.placeholder(float)
-  # BN-ReLU-Conv1x1 before every 3x3 convolution (DenseNet-B).
+  # BN-ReLU-Conv1x1 before every 3x3 convolution (DenseNet-B); a ResNet's 1x1-3x3-1x1 blocks.
   config.model.bottleneck = config_dict.placeholder(bool)
   # Maps produced by the stem; None: the model's default (2k, or 16 for CIFAR DenseNet).
   config.model.num_init_features = config_dict.placeholder(int)
-  # 'imagenet' (7x7/2 conv + max pool) or 'cifar' (3x3 conv).
+  # 'imagenet' (7x7/2 conv + max pool) or 'cifar' (3x3 conv); DenseNet and ResNet.
   config.model.stem = config_dict.placeholder(str)
   # Dropout after every convolution but the stem's; the paper uses 0.2 without augmentation.
   config.model.dropout_rate = config_dict.placeholder(float)
@@ -46,10 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_epsilon = config_dict.placeholder(float)
   config.model.bn_momentum = config_dict.placeholder(float)
   # Recompute concatenation + BN + ReLU + 1x1 conv in the backward pass (less memory).
-  config.model.memory_efficient = False
+  # None: the DenseNet's default, False.
+  config.model.memory_efficient = config_dict.placeholder(bool)
   # Run each dense block as at most this many scanned loops over one feature buffer (compile
   # time independent of depth); 0 compiles every layer separately. Same variables either way.
-  config.model.scan_segments = 1
+  # None: the DenseNet's default, 1.
+  config.model.scan_segments = config_dict.placeholder(int)
   # Input channels per step of a scanned layer's first convolution: its work and backward
   # workspace follow the layer's own width in steps of this many channels. None: on a CPU 64
   # in the first block, or 48 where that pads the layers' inputs at least 5% less
@@ -57,6 +62,17 @@ def get_config() -> ml_collections.ConfigDict:
   # TPU one chunk as wide as the widest input, or when memory_efficient 128 in the first block
   # and 4x as many in each later one (the same workspace in each; models/policy.py).
   config.model.scan_chunk = config_dict.placeholder(int)
+  # ResNet fields (models/resnet.py). Residual blocks per stage, e.g. (3, 4, 6, 3); ImageNet.
+  config.model.stage_sizes = config_dict.placeholder(tuple)
+  # Maps of each stage's 3x3 convolutions, e.g. (64, 128, 256, 512).
+  config.model.widths = config_dict.placeholder(tuple)
+  # BN-ReLU before every convolution ("Identity Mappings").
+  config.model.preactivation = config_dict.placeholder(bool)
+  # 'projection' (1x1 convolution where the shape changes) or 'zero_pad' (option A).
+  config.model.shortcut = config_dict.placeholder(str)
+  # Run each stage's blocks after the first as one scanned loop (compile time independent of
+  # depth); False unrolls them. Same variables either way. None: the ResNet's default, True.
+  config.model.scan_blocks = config_dict.placeholder(bool)
 
   config.dataset = ml_collections.ConfigDict()
   # A TFDS name ('imagenet2012', 'cifar10', 'cifar100', 'svhn_cropped', ...), 'folder' for a

@@ -1,8 +1,9 @@
-"""Converts published DenseNet ImageNet weights to densenet_jax variables.
+"""Converts published DenseNet and ResNet ImageNet weights to densenet_jax variables.
 
     python -m densenet_jax.convert --source=densenet121-a639ec97.pth --model=densenet121 \
         --output=/tmp/densenet121_tv
     python -m densenet_jax.convert --source=model.safetensors --model=densenet121 --output=DIR
+    python -m densenet_jax.convert --source=resnet50-0676ba61.pth --model=resnet50 --output=DIR
     python -m densenet_jax.convert --source=densenet121_weights_tf_dim_ordering_tf_kernels.h5 \
         --model=densenet121 --output=DIR
 
@@ -10,7 +11,8 @@ Sources:
   * torchvision (and timm's `tv_in1k`, which are torchvision's weights) state dicts: `.pth`/`.pt`
     (needs torch) or `.safetensors` (needs only the safetensors package); current key names
     (`denselayer1.norm1.weight`) and the legacy ones of the published torchvision files
-    (`denselayer1.norm.1.weight`). Models 121/161/169/201.
+    (`denselayer1.norm.1.weight`). Models 121/161/169/201; and torchvision's ResNets 18, 34,
+    50, 101 and 152 (timm's `resnet50.tv_in1k` etc. have the same keys, as `.safetensors`).
   * Keras applications (`.h5` weights or a whole `.keras`/`.h5` model; needs keras):
     DenseNet121/169/201. Keras uses BatchNorm epsilon 1.001e-5, so those models are built with
     `bn_epsilon=1.001e-5`; everything else (zero-padded 7x7/2 stem, 3x3/2 max pool after ReLU,
@@ -37,9 +39,12 @@ import numpy as np
 
 from densenet_jax import paths
 from densenet_jax.models import create_model
+from densenet_jax.models import resnet as resnet_layout
+from densenet_jax.models import resnet_variants
 
 KERAS_EPSILON = 1.001e-5
-TORCH_MODELS = ('densenet121', 'densenet161', 'densenet169', 'densenet201')
+TORCH_RESNETS = tuple(resnet_variants.IMAGENET_MODELS)
+TORCH_MODELS = ('densenet121', 'densenet161', 'densenet169', 'densenet201') + TORCH_RESNETS
 KERAS_MODELS = {'densenet121': 'DenseNet121', 'densenet169': 'DenseNet169',
                 'densenet201': 'DenseNet201'}
 
@@ -137,11 +142,27 @@ def _module_name(modules, source: str) -> str:
   raise ConversionError(f'No {source} name for {"/".join(modules)}.')
 
 
-def _torch_name(path: Tuple[str, ...]) -> Tuple[str, Callable]:
+# torchvision's ResNet: its names of the modules that are not inside a residual block, and of
+# the parts of a block (convN and normN keep their number: bnN).
+_RESNET_MODULES = {'stem_conv': 'conv1', 'stem_norm': 'bn1', 'classifier': 'fc'}
+_RESNET_PARTS = {'shortcut_conv': 'downsample.0', 'shortcut_norm': 'downsample.1'}
+
+
+def _resnet_module_name(modules) -> str:
+  """torchvision's name of the ResNet module at path `modules` ('stage2', 'block1', 'norm1'
+  is 'layer2.0.bn1')."""
+  if modules[0] in _RESNET_MODULES:
+    return _RESNET_MODULES[modules[0]]
+  stage, block, part = modules
+  part = _RESNET_PARTS.get(part, part.replace('norm', 'bn'))
+  return f'layer{stage[len("stage"):]}.{int(block[len("block"):]) - 1}.{part}'
+
+
+def _torch_name(path: Tuple[str, ...], resnet: bool = False) -> Tuple[str, Callable]:
   """(torchvision key, array transform) of a densenet_jax variable path."""
   *modules, leaf = path
   suffix = 'weight' if leaf == 'kernel' else _TORCH_BN.get(leaf, leaf)
-  name = _module_name(modules, 'torchvision')
+  name = _resnet_module_name(modules) if resnet else _module_name(modules, 'torchvision')
   if leaf != 'kernel':
     transform = lambda a: a
   elif modules == ['classifier']:
@@ -213,13 +234,17 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
   if kind == 'torchvision' and model_name not in TORCH_MODELS:
     raise ConversionError(f'--model={model_name}: torchvision has {TORCH_MODELS} only.')
   overrides = model_overrides(kind)
+  resnet = model_name in TORCH_RESNETS
   if kind == 'keras':
     probe = read_keras_weights(source_path, model_name, 1000)
     num_classes = probe['predictions'][1].shape[0]
   else:
     state = read_torch_state_dict(source_path)
-    num_classes = state['classifier.bias'].shape[0] if 'classifier.bias' in state else 1000
-  model = create_model(model_name, num_classes=int(num_classes), **overrides)
+    classifier = _torch_name(('classifier', 'bias'), resnet)[0]
+    num_classes = state[classifier].shape[0] if classifier in state else 1000
+  # A ResNet's blocks by their own names (the sources' layout), stacked at the end.
+  unrolled = {'scan_blocks': False} if resnet else {}
+  model = create_model(model_name, num_classes=int(num_classes), **overrides, **unrolled)
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
   flat = {}
@@ -233,10 +258,10 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
                                 f'{collection}/{"/".join(path)}): not Keras {model_name}?')
         value, key = np.asarray(probe[layer][index]), f'{layer}[{index}]'
       else:
-        key, transform = _torch_name(path)
+        key, transform = _torch_name(path, resnet)
         if key not in state:
-          missing = sorted(_torch_name(p)[0] for p in _paths(abstract[collection])
-                           if _torch_name(p)[0] not in state)
+          missing = sorted(_torch_name(p, resnet)[0] for p in _paths(abstract[collection])
+                           if _torch_name(p, resnet)[0] not in state)
           raise ConversionError(f'{source_path} is missing {len(missing)} key(s) of '
                                 f'{model_name}, e.g. {missing[:5]}.')
         value = transform(np.asarray(state[key]))
@@ -253,7 +278,10 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
                             f'does not use, e.g. {unexpected[:5]}: another architecture?')
   meta = {'model': model_name, 'overrides': overrides, 'num_classes': int(num_classes),
           'source': kind, 'source_file': os.path.abspath(source_path)}
-  return _unflatten(flat), meta
+  variables = _unflatten(flat)
+  if resnet:
+    variables = resnet_layout.to_layout(create_model(model_name), variables)
+  return variables, meta
 
 
 def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:

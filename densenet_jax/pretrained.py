@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from densenet_jax import paths
 from densenet_jax import validation
+from densenet_jax.models import family
 
 
 def read_init_checkpoint(directory: str) -> Dict[str, Any]:
@@ -43,6 +44,7 @@ def merge(init: Dict[str, Any], params: Any, batch_stats: Any, model) -> Dict[st
   Returns:
     {'params': ..., 'batch_stats': ...} with the structure of the run's trees.
   """
+  init = family.family_of(model).layout(model, init)   # e.g. a ResNet's unrolled blocks
   kept = []
   merged = {}
   for collection, target in (('params', params), ('batch_stats', batch_stats)):

@@ -2,6 +2,7 @@
 
     python -m densenet_jax.summary --model=densenet121
     python -m densenet_jax.summary --model=densenet_bc --depth=250 --growth_rate=24
+    python -m densenet_jax.summary --model=preact_resnet_cifar --depth=164
 """
 
 from absl import app
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.models import complexity
+from densenet_jax.models import family
 from densenet_jax.models import create_model
 
 _MODEL = flags.DEFINE_string('model', 'densenet121', 'A create_model name.')
@@ -20,9 +21,10 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', None, 'Input size (224 ImageNet
 
 
 def _stage_order(name: str):
-  """Forward order: stem, block1, transition1, block2, ..., final_norm, classifier."""
-  for prefix, rank in (('stem', 0), ('block', 1), ('transition', 1), ('final', 2),
-                       ('classifier', 3)):
+  """Forward order: stem, block1, transition1, block2, ... (a ResNet's stage1, stage2, ...),
+  final_norm, classifier."""
+  for prefix, rank in (('stem', 0), ('block', 1), ('transition', 1), ('stage', 1),
+                       ('final', 2), ('classifier', 3)):
     if name.startswith(prefix):
       index = name[len(prefix):]
       return (rank, int(index) if index.isdigit() else 0, prefix == 'transition', name)
@@ -59,7 +61,7 @@ def main(argv):
   size = _IMAGE_SIZE.value or (224 if model.stem == 'imagenet' else 32)
   print(f'{_MODEL.value}: {model}\n')
   print(summarize(model, size))
-  print(f'\n{complexity.gmacs(model, size):.3f} GMACs per {size}x{size} image '
+  print(f'\n{family.gmacs(model, size):.3f} GMACs per {size}x{size} image '
         '(multiply-accumulates of the convolutions and the classifier, forward).')
 
 

@@ -8,7 +8,6 @@ batches, augmentations and dropout masks that the uninterrupted run would have s
 """
 
 import collections
-import dataclasses
 import json
 import time
 from typing import Any, Dict, Iterator, Optional
@@ -31,16 +30,15 @@ from densenet_jax import records
 from densenet_jax import run_guard
 from densenet_jax import train_lib
 from densenet_jax import validation
-from densenet_jax.models import complexity
+from densenet_jax.models import family
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The config's DenseNet: model.name plus every model field that is not None."""
-  overrides = {k: v for k, v in config.model.items() if k != 'name' and v is not None}
-  if 'block_sizes' in overrides:
-    overrides['block_sizes'] = tuple(overrides['block_sizes'])
+  """The config's model: model.name plus every model field that is not None."""
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model.items()
+               if k != 'name' and v is not None}
   overrides.setdefault('num_classes', num_classes)
   if config.half_precision:
     overrides['dtype'] = jnp.bfloat16
@@ -125,14 +123,11 @@ def _check_finite(history, first_step: int) -> None:
 def model_description(model) -> Dict[str, Any]:
   """The model's architectural fields, as JSON values, for comparison across restarts.
 
-  Compute dtype, memory_efficient, scan_segments and scan_chunk are left out: they change how
-  the same network is computed, not the network, and may differ between the machines a run
-  moves across.
+  Fields that change how the same network is computed, not the network (compute dtype, a
+  DenseNet's memory_efficient and scanning, a ResNet's scan_blocks: `family.architecture`),
+  are left out: they may differ between the machines a run moves across.
   """
-  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-            if f.name not in ('parent', 'name', 'dtype', 'memory_efficient', 'scan_segments',
-                              'scan_chunk')}
-  return json.loads(json.dumps(fields))
+  return json.loads(json.dumps(family.architecture(model)))
 
 
 def _flat_hparams(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
@@ -294,7 +289,7 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   eval_metrics: Optional[Dict[str, float]] = None
   timer = records.TrainTimer(workdir, plan.num_train_steps, plan.global_batch, run={
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
-      'gmacs': complexity.gmacs(model, info.image_shape[0], info.image_shape[-1]),
+      'gmacs': family.gmacs(model, info.image_shape[0], info.image_shape[-1]),
       'steps_per_epoch': plan.steps_per_epoch, 'global_batch': plan.global_batch,
       'model': model_description(model)})
   timer.write(start_step)

@@ -4,7 +4,7 @@ Each error names the config field, the value and what was expected, so that a mi
 seconds instead of the hours a pod would spend compiling and training before it surfaces.
 """
 
-from densenet_jax.models import min_image_size
+from densenet_jax.models import family
 
 
 class ConfigError(ValueError):
@@ -29,7 +29,7 @@ def validate_run(config, model, info, device_count: int, process_count: int) -> 
 
   Args:
     config: the experiment config.
-    model: the DenseNet built from it (its own fields were validated when it was built).
+    model: the model built from it (its own fields were validated when it was built).
     info: the dataset's `input_pipeline.DatasetInfo`.
     device_count: devices of all processes.
     process_count: processes of the run.
@@ -52,10 +52,10 @@ def validate_run(config, model, info, device_count: int, process_count: int) -> 
   num_steps = (config.num_train_steps if config.num_train_steps > 0
                else config.num_epochs * steps_per_epoch)
   height = info.image_shape[0]
-  smallest = min_image_size(model)
+  smallest = family.min_image_size(model)
   _require(min(info.image_shape[:2]) >= smallest, 'dataset.image_size', height,
-           f'at least {smallest} pixels: {model.stem} stem and {len(model.block_sizes)} blocks '
-           f'halve the resolution {smallest.bit_length() - 1} times')
+           f'at least {smallest} pixels: {config.model.name} halves the resolution '
+           f'{smallest.bit_length() - 1} times')
   _require(model.num_classes >= info.num_classes, 'model.num_classes', model.num_classes,
            f'at least the {info.num_classes} classes of {config.dataset.name}')
   _require(config.schedule in ('step', 'cosine'), 'schedule', config.schedule,

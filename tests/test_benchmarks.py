@@ -80,3 +80,28 @@ def test_throughput_table_adds_device_memory_only_where_a_device_reported_it():
   for line in (ok, error, torch_error):
     assert line.count('|') == head.count('|'), line
   assert 'jax on H100; torch on H100' in table
+
+
+def test_throughput_resnet_cases_and_torch_counterparts():
+  """The ResNet cases parse, and the torch models beside them are ours, parameter for
+  parameter (the benchmark itself is not run here)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  import pytest
+  from densenet_jax.models import create_model
+  torch = pytest.importorskip('torch')
+  throughput = _throughput_module()
+  assert throughput.model_options('resnet50', 'std-scan1') == {'scan_blocks': True}
+  assert throughput.model_options('resnet110', 'std') == {'scan_blocks': False}
+  with pytest.raises(ValueError, match="mode 'eff' for ResNet resnet50"):
+    throughput.model_options('resnet50', 'eff')
+  for name in ('resnet50', 'resnet110'):
+    model, size = throughput._torch_model(name, 'std')  # pylint: disable=protected-access
+    ours = create_model(name)
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    params = jax.eval_shape(ours.init, jax.random.key(0), images)['params']
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        int(np.prod(p.shape)) for p in jax.tree.leaves(params)), name
+  with torch.no_grad():
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)

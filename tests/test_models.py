@@ -116,7 +116,7 @@ def test_scan_chunk_follows_the_layer_widths_unless_set():
   in each later block: DenseNet-BC-100 k=12 (block inputs 24, 108, 150 channels, k=12),
   densenet161 (k=48) and DenseNet L=40 k=12, not densenet121 (k=32) or the other named models.
   An explicit scan_chunk is kept in every block."""
-  chosen = {name: create_model(name).chunk_for('cpu') for name in models.MODEL_NAMES
+  chosen = {name: create_model(name).chunk_for('cpu') for name in models.DENSENET_NAMES
             if name not in ('densenet_bc', 'densenet_cifar')}
   assert {name for name, chunk in chosen.items() if chunk == 48} == {
       'densenet_bc100_k12', 'densenet161', 'densenet40_k12'}

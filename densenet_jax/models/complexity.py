@@ -1,5 +1,7 @@
 """Multiply-accumulates of a DenseNet's forward pass per image, the figure papers compare.
 
+`family.gmacs` gives it for any model (ResNets: resnet.resnet_macs, the same convention).
+
 The convention is torchvision's (`_ops` in its weight metadata, in GMACs) and timm's: the
 multiply-accumulates of every convolution and of the classifier, nothing for BatchNorm, ReLU,
 pooling or concatenation, counted for the network the paper defines (a transition's 1x1
@@ -44,7 +46,3 @@ def densenet_macs(model: DenseNet, image_size: int, channels: int = 3) -> int:
       macs += out * model.num_classes
   return macs
 
-
-def gmacs(model, image_size: int, channels: int = 3) -> float:
-  """Multiply-accumulates per image in units of 10^9, as torchvision and timm publish them."""
-  return densenet_macs(model, image_size, channels) / 1e9

@@ -182,6 +182,19 @@ def deferred():
         flax.core.scope.random = flax.core.scope.random.real
 
 
+@contextlib.contextmanager
+def immediate():
+  """Within this block `conv_kernel_init` draws its kernels at once, also inside `deferred()`:
+  for kernels created inside a transform's body (a scan over identical blocks draws one
+  vmapped kernel per variable), whose placeholders `fill` could never find in the tree."""
+  saved = getattr(_active, 'deferred', None)
+  _active.deferred = None
+  try:
+    yield
+  finally:
+    _active.deferred = saved
+
+
 def conv_kernel_init(key, shape, dtype=jnp.float32):
   """He normal (fan_out) convolution kernel, [h, w, in, out]; recorded inside `deferred()`."""
   pending = getattr(_active, 'deferred', None)

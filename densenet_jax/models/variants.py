@@ -1,4 +1,5 @@
-"""The DenseNets of the paper by name, and `create_model`.
+"""The DenseNets of the paper by name, and `create_model` for them and the ResNets
+(resnet_variants.py).
 
 ImageNet models (Table 1 of the paper; densenet161 as torchvision defines it) use the ImageNet
 stem, bottleneck layers and compression 0.5. CIFAR/SVHN models (Table 2) are three dense blocks
@@ -13,6 +14,7 @@ of equal size after a 3x3 stem; their depth L counts every convolution and the c
 import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
+from densenet_jax.models import resnet_variants
 from densenet_jax.models.densenet import DenseNet
 
 # ImageNet: name -> (block_sizes, growth_rate, num_init_features).
@@ -37,7 +39,8 @@ CIFAR_MODELS: Dict[str, Tuple[int, int, bool]] = {
 # Families with free depth and growth rate: `create_model('densenet_bc', depth=L, growth_rate=k)`.
 CIFAR_FAMILIES: Dict[str, bool] = {'densenet_cifar': False, 'densenet_bc': True}
 
-MODEL_NAMES = tuple(IMAGENET_MODELS) + tuple(CIFAR_MODELS) + tuple(CIFAR_FAMILIES)
+DENSENET_NAMES = tuple(IMAGENET_MODELS) + tuple(CIFAR_MODELS) + tuple(CIFAR_FAMILIES)
+MODEL_NAMES = DENSENET_NAMES + resnet_variants.RESNET_NAMES
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(DenseNet)
                      if f.name not in ('parent', 'name'))
 
@@ -75,23 +78,26 @@ def densenet_cifar(depth: int, growth_rate: int, bc: bool, **overrides: Any) -> 
   return DenseNet(**fields)
 
 
-def create_model(name: str, *, depth: Optional[int] = None, **overrides: Any) -> DenseNet:
-  """Returns the DenseNet called `name`, with any field overridden.
+def create_model(name: str, *, depth: Optional[int] = None, **overrides: Any):
+  """Returns the DenseNet or ResNet called `name`, with any field overridden.
 
   Args:
     name: one of `MODEL_NAMES`: an ImageNet model ('densenet121', ...), a CIFAR model of
       Table 2 ('densenet_bc100_k12', ...), or a CIFAR family ('densenet_bc', 'densenet_cifar')
-      whose `depth` and `growth_rate` must be given.
+      whose `depth` and `growth_rate` must be given; or a ResNet ('resnet50', 'resnet110',
+      'preact_resnet164', the families 'resnet_cifar' and 'preact_resnet_cifar' with `depth`).
     depth: for CIFAR models and families, the depth L; the block sizes follow from it.
-    **overrides: any `DenseNet` field, e.g. num_classes=100, growth_rate=24,
-      memory_efficient=True, dtype=jnp.bfloat16.
+    **overrides: any field of the model's class (`DenseNet` or `ResNet`), e.g.
+      num_classes=100, growth_rate=24, memory_efficient=True, dtype=jnp.bfloat16.
 
   Returns:
-    An unbound `DenseNet` module.
+    An unbound `DenseNet` or `ResNet` module.
 
   Raises:
-    ValueError: for an unknown name or field, or field values that do not build a DenseNet.
+    ValueError: for an unknown name or field, or field values that do not build the model.
   """
+  if name in resnet_variants.RESNET_NAMES:
+    return resnet_variants.create_resnet(name, depth, **overrides)
   unknown = sorted(set(overrides) - set(MODEL_FIELDS))
   if unknown:
     raise ValueError(f'Unknown DenseNet field(s) {unknown} for model {name!r}; valid fields: '
