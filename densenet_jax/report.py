@@ -6,7 +6,8 @@ Writes, from what the runs themselves wrote (results.json, progress.json, Tensor
   * DIR/results.csv and DIR/report.md: one row per point, with its swept fields, parameters,
     GMACs, training time and speed, final and best test accuracy, and status;
   * DIR/error_vs_params.png, DIR/error_vs_gmacs.png: test error against parameters and against
-    GMACs, one line per family (DenseNet, DenseNet-B, -C, -BC; the paper's Figures 3 and 4);
+    GMACs, one line per family (DenseNet, DenseNet-B, -C, -BC, ResNets; the paper's Figures 3
+    and 4);
   * DIR/curves.png: training loss and test error against epochs for every point (Figure 4,
     right);
   * DIR/heatmap.png: for a sweep of two fields over a full grid, test error over the two;
@@ -62,9 +63,12 @@ def read_scalars(workdir: str) -> Dict[str, Dict[int, float]]:
 
 
 def family(model: Dict[str, Any]) -> str:
-  """The paper's name of a model's variant: DenseNet, DenseNet-B, DenseNet-C or DenseNet-BC."""
+  """The paper's name of a model's variant: DenseNet, DenseNet-B, DenseNet-C or DenseNet-BC;
+  ResNet or pre-activation ResNet for the baselines (models/resnet.py)."""
   if not model:
     return 'unknown'
+  if 'growth_rate' not in model:   # the ResNets' fields: stage_sizes, widths, preactivation
+    return 'pre-activation ResNet' if model.get('preactivation') else 'ResNet'
   suffix = ('B' if model.get('bottleneck') else '') + (
       'C' if model.get('compression', 1.0) < 1.0 else '')
   return 'DenseNet' + (f'-{suffix}' if suffix else '')
@@ -165,9 +169,10 @@ def write_report(sweep_dir: str) -> Dict[str, Any]:
 
 
 def best_row(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-  """The finished point with the best test top-1 (best over its evaluations)."""
+  """The finished DenseNet point with the best test top-1 (best over its evaluations): the one
+  whose feature reuse is drawn."""
   done = [r for r in rows if r['status'] == 'done' and r.get('best_eval_top1') is not None
-          and not math.isnan(r['best_eval_top1'])]
+          and not math.isnan(r['best_eval_top1']) and r['family'].startswith('DenseNet')]
   return max(done, key=lambda r: r['best_eval_top1']) if done else None
 
 

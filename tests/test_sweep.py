@@ -15,6 +15,7 @@ from densenet_jax import hyper
 from densenet_jax import launchers
 from densenet_jax import report
 from densenet_jax import sweep
+from densenet_jax import trainer
 from densenet_jax.models import create_model
 from densenet_jax.models import complexity
 from densenet_jax.models import family
@@ -94,6 +95,15 @@ def test_ablation_configs_declare_their_studies():
     config = sweep.apply_overrides(variants.get_config('cpu'), point)
     create_model(config.model.name, depth=config.model.depth, growth_rate=12,
                  bottleneck=config.model.bottleneck, compression=config.model.compression)
+  # DenseNet-BC against pre-activation ResNets: every point builds, under one recipe.
+  from configs.ablations import densenet_vs_resnet  # pylint: disable=g-import-not-at-top
+  for size, count in (('cpu', 6), (None, 5)):
+    points = densenet_vs_resnet.get_sweep(size)
+    assert len(points) == count
+    built = [trainer.build_model(sweep.apply_overrides(densenet_vs_resnet.get_config(size), p),
+                                 10) for p in points]
+    assert {report.family(trainer.model_description(m)) for m in built} == {
+        'DenseNet-BC', 'pre-activation ResNet'}
 
 
 def test_invalid_points_are_refused_before_anything_runs(sweep_file, tmp_path):

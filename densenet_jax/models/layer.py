@@ -87,9 +87,10 @@ def statistics(x: Array):
   return mean, variance(mean, mean_sq)
 
 
-def normalize(spec: Spec, x: Array, mean, var, scale, bias) -> Array:
-  """BatchNorm with the given statistics, in float32."""
-  return (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + spec.epsilon)) + bias
+def normalize(x: Array, mean, var, scale, bias, epsilon: float) -> Array:
+  """BatchNorm with the given statistics, in float32 (as Flax's: (x - mean) * scale /
+  sqrt(var + epsilon) + bias). Every BatchNorm of every model normalises here."""
+  return (x.astype(jnp.float32) - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
 
 
 def pre_activation(spec: Spec, x: Array, mean, var, scale, bias) -> Array:
@@ -98,7 +99,7 @@ def pre_activation(spec: Spec, x: Array, mean, var, scale, bias) -> Array:
   Channels whose scale and bias are zero (padding in the scanned blocks) come out as
   activation(0) = 0 for every activation here, with zero gradient to x.
   """
-  return ACTIVATIONS[spec.activation](normalize(spec, x, mean, var, scale, bias)).astype(
+  return ACTIVATIONS[spec.activation](normalize(x, mean, var, scale, bias, spec.epsilon)).astype(
       spec.dtype)
 
 
@@ -183,23 +184,23 @@ class ConvKernel(nn.Module):
     return self.param('kernel', self.kernel_init, tuple(self.shape), jnp.float32)
 
 
-def batch_norm(spec: Spec, x: Array, *, train: bool, name: str, initializing: bool):
+def batch_norm(x: Array, *, momentum: float, train: bool, name: str, initializing: bool):
   """Declares a BatchNorm's variables under `name` (call inside a compact method) and returns
   (mean, var, scale, bias) to normalise x with: x's batch statistics in training (after moving
-  the running averages towards them), the running averages otherwise."""
+  the running averages towards them, unless initialising), the running averages otherwise."""
   norm = BatchNormVariables(x.shape[-1], name=name)
   scale, bias, mean, var = norm()
   if train:
     mean, var = statistics(x)
     if not initializing:
-      norm((mean, var), spec.momentum)
+      norm((mean, var), momentum)
   return mean, var, scale, bias
 
 
 def norm_activation(spec: Spec, x: Array, *, train: bool, name: str,
                     initializing: bool) -> Array:
   """`pre_activation` of x with a BatchNorm declared under `name` (call inside compact)."""
-  return pre_activation(spec, x, *batch_norm(spec, x, train=train, name=name,
+  return pre_activation(spec, x, *batch_norm(x, momentum=spec.momentum, train=train, name=name,
                                              initializing=initializing))
 
 

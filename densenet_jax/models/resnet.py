@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from densenet_jax.models import initializers
+from densenet_jax.models import layer
 from densenet_jax.models import ops
 from densenet_jax.models.densenet import Conv
 from densenet_jax.models.densenet import Conv1x1
@@ -39,10 +40,12 @@ EXPANSION = 4   # a bottleneck block outputs 4 * width maps
 
 
 def _batch_norm(x: Array, train: bool, name: str, epsilon: float, momentum: float,
-                dtype: Dtype) -> Array:
-  """Every BatchNorm of a ResNet, in one place. Call inside a compact method."""
-  return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
-                      dtype=dtype, name=name)(x)
+                dtype: Dtype, initializing: bool) -> Array:
+  """Every BatchNorm of a ResNet, the DenseNets' own (models/layer.py): `nn.BatchNorm`'s
+  variables and math. Call inside a compact method."""
+  mean, var, scale, bias = layer.batch_norm(x, momentum=momentum, train=train, name=name,
+                                            initializing=initializing)
+  return layer.normalize(x, mean, var, scale, bias, epsilon).astype(dtype)
 
 
 def _conv(x: Array, features: int, size: int, strides: int, dtype: Dtype, name: str) -> Array:
@@ -78,7 +81,8 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     def norm(y, name):
-      return _batch_norm(y, train, name, self.bn_epsilon, self.bn_momentum, self.dtype)
+      return _batch_norm(y, train, name, self.bn_epsilon, self.bn_momentum, self.dtype,
+                         self.is_initializing())
 
     out_features = self.width * EXPANSION if self.bottleneck else self.width
     if self.bottleneck:  # (maps, kernel size, stride) of each convolution
@@ -233,7 +237,8 @@ class ResNet(nn.Module):
     common = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum, dtype=self.dtype)
 
     def norm_relu(y, name):
-      return nn.relu(_batch_norm(y, train, name, self.bn_epsilon, self.bn_momentum, self.dtype))
+      return nn.relu(_batch_norm(y, train, name, self.bn_epsilon, self.bn_momentum, self.dtype,
+                                 self.is_initializing()))
 
     x = jnp.asarray(images, self.dtype)
     if self.stem == 'imagenet':
