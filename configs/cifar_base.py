@@ -1,5 +1,5 @@
-"""The paper's CIFAR-10/100 and SVHN recipe, which the cifar_*.py configs build on, and
-He et al.'s changes to it for the CIFAR ResNets (`resnet_config`).
+"""The paper's CIFAR-10/100 and SVHN recipe, which the cifar_*.py configs build on; the CIFAR
+ResNet baselines train with the same recipe (`resnet_config`).
 
 Select the dataset and augmentation with the config argument after a colon:
     python train.py --config=configs/cifar_densenet_bc100_k12.py:cifar100 --workdir=DIR
@@ -56,18 +56,15 @@ def get_config(model_name: str, variant: str = 'cifar10'):
 
 
 def resnet_config(model_name: str, variant: str = 'cifar10'):
-  """The recipe of He et al. (2016) and "Identity Mappings" for a CIFAR ResNet on `variant`.
+  """A CIFAR ResNet baseline on `variant`, with the DenseNets' recipe above, so that a
+  comparison differs in the architecture only. ResNets have no dropout, so the no-augmentation
+  variants train without it.
 
-  Their runs differ from the DenseNet paper's in batch size 128 and 64k iterations (164
-  epochs) with the same decays at 50 % and 75 %, and a warm-up for the deepest models (400
-  iterations at learning rate 0.01, here one epoch of linear warm-up, 391 iterations). ResNets
-  have no dropout, so the no-augmentation variants train without it.
+  He et al.'s own runs used batch 128 and 64k iterations (164 epochs) with the same decays at
+  50 % and 75 %, and 400 warm-up iterations for the deepest models: `--config.batch_size=128
+  --config.reference_batch_size=128 --config.num_epochs=164 --config.warmup_epochs=1` comes
+  closest to it.
   """
   config = get_config(model_name, variant)
   config.model.dropout_rate = None
-  config.batch_size = 128
-  config.reference_batch_size = 128
-  if config.dataset.name != 'svhn_cropped':
-    config.num_epochs = 164
-  config.warmup_epochs = 1.0
   return config

@@ -1,6 +1,5 @@
 """The model family: the paper's parameter counts, shapes, validation, modes and dtypes."""
 
-import functools
 import re
 
 import jax
@@ -12,6 +11,7 @@ import pytest
 from densenet_jax import models
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
+from model_checks import infer, loss_and_grads, lowered_train_gradient, tiny
 
 # Parameter counts of the paper's models (ImageNet heads 1000 classes, CIFAR heads 10); the
 # ImageNet ones equal torchvision's.
@@ -198,17 +198,13 @@ def test_initialisation():
   assert np.all(variables['batch_stats']['final_norm']['var'] == 1)
 
 
-def tiny(depth=16, **overrides):
-  return create_model('densenet_bc', depth=depth, growth_rate=4, **overrides)
-
-
 def test_train_and_eval_modes():
   """Training uses batch statistics and updates running averages; eval uses the averages."""
   model = tiny(dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3)) * 3 + 1
   variables = model.init(jax.random.key(0), x)
-  eval1 = _infer(model, variables, x)
-  eval2 = _infer(model, variables, x)
+  eval1 = infer(model, variables, x)
+  eval2 = infer(model, variables, x)
   np.testing.assert_array_equal(eval1, eval2)  # No dropout at eval time.
   train = jax.jit(lambda i: model.apply(variables, x, train=True, mutable=['batch_stats'],
                                         rngs={'dropout': jax.random.key(i)}))
@@ -221,142 +217,6 @@ def test_train_and_eval_modes():
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_allclose(upd['batch_stats']['block1']['layer1']['norm1']['mean'],
                              0.1 * jnp.mean(stem_out, axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _loss_and_grads(model, variables, x, dropout_key=None):
-  """One compiled program: run op by op, every layer's distinct width compiled its own ops."""
-  rngs = {} if dropout_key is None else {'dropout': dropout_key}
-
-  def loss_fn(params):
-    logits, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                              train=True, mutable=['batch_stats'], rngs=rngs)
-    return jnp.sum(jnp.sin(logits)), (logits, upd)
-  (loss, (logits, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
-  return logits, upd, grads
-
-
-def _assert_trains_as(other, standard, x, dropout_key=None):
-  """`other` has `standard`'s variables, and computes its logits, gradients and BatchNorm
-  updates in training and its logits in evaluation."""
-  variables, (logits_s, upd_s, grads_s), infer_s = _standard_results(standard, x, dropout_key)
-  # Same variable tree, same initial values: checkpoints move freely between implementations.
-  other_vars = other.init(jax.random.key(0), x)
-  assert jax.tree.structure(variables) == jax.tree.structure(other_vars)
-  jax.tree.map(np.testing.assert_array_equal, variables, other_vars)
-
-  logits_o, upd_o, grads_o = _loss_and_grads(other, variables, x, dropout_key)
-  np.testing.assert_allclose(logits_o, logits_s, atol=1e-5)
-  # Some gradients are tiny (the stem BatchNorm scale's, near 1e-5, sums that nearly cancel):
-  # a leaf's tolerance is at most 5% of its largest value.
-  close = lambda a, b: np.testing.assert_allclose(
-      a, b, atol=min(1e-5, 0.05 * float(np.abs(b).max())))
-  jax.tree.map(close, grads_o, grads_s)
-  jax.tree.map(close, upd_o, upd_s)
-  np.testing.assert_allclose(_infer(other, variables, x), infer_s, atol=1e-5)
-
-
-_STANDARD = {}
-
-
-def _standard_results(standard, x, dropout_key):
-  """The standard model's variables, training and inference results, computed once per model
-  and input for all the implementations compared with it."""
-  key = (standard, x.shape, np.asarray(x).tobytes(), None if dropout_key is None else
-         np.asarray(jax.random.key_data(dropout_key)).tobytes())
-  if key not in _STANDARD:
-    variables = standard.init(jax.random.key(0), x)
-    _STANDARD[key] = (variables, _loss_and_grads(standard, variables, x, dropout_key),
-                      _infer(standard, variables, x))
-  return _STANDARD[key]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _infer(model, variables, x):
-  return model.apply(variables, x)
-
-
-# Every way of computing a dense block, against the unrolled standard one: (memory_efficient,
-# scan_segments, scan_chunk, fused). Scanned blocks of one segment (every layer padded to the
-# block's width) and of several; layers reading the buffer in one chunk (64: wider than these
-# tiny blocks) or several, the last overlapping; oneDNN's fused first unit allowed (on a CPU
-# with oneDNN it is taken where it applies) or turned off (the chunked path of GPUs and TPUs).
-PATHS = {
-    'unrolled-memory-efficient': (True, 0, 5, True),
-    'scanned': (False, 1, 64, True),
-    'scanned-segments-chunks': (False, 3, 8, True),
-    'scanned-chunked': (False, 2, 8, False),
-    'scanned-memory-efficient': (True, 2, 64, True),
-    'scanned-memory-efficient-chunked': (True, 3, 5, False),
-}
-# The layers compared: the paper's (ReLU, no dropout), and each non-default activation with
-# dropout on, with and without bottleneck.
-LAYERS = {
-    'relu-bottleneck': dict(activation='relu', dropout_rate=0.0, bottleneck=True),
-    'relu-plain': dict(activation='relu', dropout_rate=0.0, bottleneck=False),
-    'silu-dropout-bottleneck': dict(activation='silu', dropout_rate=0.5, bottleneck=True),
-    'gelu-dropout-plain': dict(activation='gelu', dropout_rate=0.5, bottleneck=False),
-}
-
-
-@pytest.mark.parametrize('variant', LAYERS)
-@pytest.mark.parametrize('path', PATHS)
-def test_every_path_computes_the_same_layer(path, variant):
-  """One definition of the layer (models/layer.py): every implementation computes the unrolled
-  standard block's logits, gradients and BatchNorm updates from the very same variables, for
-  any activation, and with dropout draws the very same masks for one seed. The memory-efficient
-  paths also run their transitions in chunks (of 64, or of 5 channels, the last overlapping)."""
-  memory_efficient, scan_segments, scan_chunk, fused = PATHS[path]
-  bottleneck = LAYERS[variant]['bottleneck']
-  fields = dict(depth=28 if bottleneck else 16, **LAYERS[variant])
-  standard = tiny(scan_segments=0, **fields)
-  other = tiny(memory_efficient=memory_efficient, scan_segments=scan_segments,
-               scan_chunk=scan_chunk, **fields)
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  key = jax.random.key(3) if fields['dropout_rate'] else None
-  onednn.set_bottleneck_enabled(fused)
-  try:
-    _assert_trains_as(other, standard, x, dropout_key=key)
-    # The fused call computes ReLU bottleneck layers only, and is taken only for them.
-    calls_fused = 'densenet_onednn_bottleneck' in _lowered_train_gradient(
-        other, x.shape).as_text()
-    assert calls_fused == (fused and scan_segments > 0 and bottleneck and
-                           fields['activation'] == 'relu' and onednn.available())
-  finally:
-    onednn.set_bottleneck_enabled(True)
-  if key is not None:   # dropout is on: another seed drops other values
-    other_logits = _loss_and_grads(standard, _standard_results(standard, x, key)[0], x,
-                                   jax.random.key(4))[0]
-    assert not np.allclose(other_logits, _standard_results(standard, x, key)[1][0])
-
-
-@pytest.mark.parametrize('implementation', [(True, 0), (True, 2, 5)])
-def test_memory_efficient_imagenet_stem_equals_standard(implementation):
-  """The memory-efficient mode recomputes the ImageNet stem (convolution, BN, ReLU, max pool)
-  in the backward pass: same values, gradients and BatchNorm updates."""
-  memory_efficient, scan_segments, scan_chunk = (implementation + (64,))[:3]
-  overrides = dict(block_sizes=(2, 3), growth_rate=4, num_init_features=8, num_classes=10)
-  standard = create_model('densenet121', scan_segments=0, **overrides)
-  other = create_model('densenet121', memory_efficient=memory_efficient,
-                       scan_segments=scan_segments, scan_chunk=scan_chunk, **overrides)
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3)) * 2 + 0.5
-  _assert_trains_as(other, standard, x)
-
-
-def test_scanned_dropout():
-  """Dropout inside scanned blocks: a fresh mask per layer and key, none at eval time."""
-  model = tiny(depth=28, dropout_rate=0.5, scan_segments=2)
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  variables = model.init(jax.random.key(0), x)
-  run = jax.jit(lambda i: model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                      rngs={'dropout': jax.random.key(i)})[0])
-  np.testing.assert_array_equal(run(0), run(0))
-  assert not np.allclose(run(0), run(1))
-  no_dropout = tiny(depth=28, scan_segments=2)
-  np.testing.assert_allclose(_infer(model, variables, x), _infer(no_dropout, variables, x),
-                             atol=1e-6)
-  logits, _, grads = _loss_and_grads(model, variables, x, jax.random.key(0))
-  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves((logits, grads)))
 
 
 def test_segment_bounds_are_optimal():
@@ -377,23 +237,9 @@ def test_segment_bounds_are_optimal():
     assert cost(c0, k, bounds) == best
 
 
-def _lowered_train_gradient(model, image_shape):
-  """The jitted parameter gradient of a train-mode forward pass, lowered (not compiled)."""
-  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-
-  def loss(params, batch_stats, images):
-    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats},
-                            images, train=True, mutable=['batch_stats'],
-                            rngs={'dropout': jax.random.key(0)})
-    return jnp.sum(logits)
-
-  return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)
-
-
 def _convolutions_in_train_program(depth, scan_segments):
   model = create_model('densenet_bc', depth=depth, growth_rate=4, scan_segments=scan_segments)
-  text = _lowered_train_gradient(model, (2, 8, 8, 3)).as_text()
+  text = lowered_train_gradient(model, (2, 8, 8, 3)).as_text()
   # XLA's convolutions and, on a CPU with oneDNN, oneDNN's (custom calls).
   convolutions = text.count('convolution(') + text.count('custom_call @densenet_onednn')
   assert convolutions > 0
@@ -413,7 +259,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params(scan_segments):
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   variables = model.init(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
-  logits, upd, grads = _loss_and_grads(model, variables, x)
+  logits, upd, grads = loss_and_grads(model, variables, x)
   assert logits.dtype == jnp.float32
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   assert np.all(np.isfinite(logits))
@@ -433,7 +279,7 @@ def test_memory_efficient_halves_compiled_train_memory():
   def temp_bytes(memory_efficient, scan_segments=0):   # unrolled unless told
     model = create_model('densenet_bc', depth=40, growth_rate=12,
                          memory_efficient=memory_efficient, scan_segments=scan_segments)
-    compiled = _lowered_train_gradient(model, (32, 16, 16, 3)).compile()
+    compiled = lowered_train_gradient(model, (32, 16, 16, 3)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   standard = temp_bytes(False)
@@ -462,7 +308,7 @@ def test_memory_efficient_stem_keeps_no_activation(use_onednn):
   def temp_bytes(memory_efficient):
     model = create_model('densenet121', block_sizes=(2, 2), growth_rate=8, num_init_features=16,
                          num_classes=10, memory_efficient=memory_efficient)
-    compiled = _lowered_train_gradient(model, (16, 64, 64, 3)).compile()
+    compiled = lowered_train_gradient(model, (16, 64, 64, 3)).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   try:

@@ -1,0 +1,82 @@
+"""Checks shared by the model tests: one implementation trains exactly as another."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from densenet_jax.models import create_model
+
+
+def tiny(depth=16, **overrides):
+  return create_model('densenet_bc', depth=depth, growth_rate=4, **overrides)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_grads(model, variables, x, dropout_key=None):
+  """One compiled program: run op by op, every layer's distinct width compiled its own ops."""
+  rngs = {} if dropout_key is None else {'dropout': dropout_key}
+
+  def loss_fn(params):
+    logits, upd = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                              train=True, mutable=['batch_stats'], rngs=rngs)
+    return jnp.sum(jnp.sin(logits)), (logits, upd)
+  (loss, (logits, upd)), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables['params'])
+  return logits, upd, grads
+
+
+def assert_trains_as(other, standard, x, dropout_key=None):
+  """`other` has `standard`'s variables, and computes its logits, gradients and BatchNorm
+  updates in training and its logits in evaluation."""
+  variables, (logits_s, upd_s, grads_s), infer_s = standard_results(standard, x, dropout_key)
+  # Same variable tree, same initial values: checkpoints move freely between implementations.
+  other_vars = other.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(other_vars)
+  jax.tree.map(np.testing.assert_array_equal, variables, other_vars)
+
+  logits_o, upd_o, grads_o = loss_and_grads(other, variables, x, dropout_key)
+  np.testing.assert_allclose(logits_o, logits_s, atol=1e-5)
+  # Some gradients are tiny (the stem BatchNorm scale's, near 1e-5, sums that nearly cancel):
+  # a leaf's tolerance is at most 5% of its largest value.
+  close = lambda a, b: np.testing.assert_allclose(
+      a, b, atol=min(1e-5, 0.05 * float(np.abs(b).max())))
+  jax.tree.map(close, grads_o, grads_s)
+  jax.tree.map(close, upd_o, upd_s)
+  np.testing.assert_allclose(infer(other, variables, x), infer_s, atol=1e-5)
+
+
+_STANDARD = {}
+
+
+def standard_results(standard, x, dropout_key):
+  """The standard model's variables, training and inference results, computed once per model
+  and input for all the implementations compared with it."""
+  key = (standard, x.shape, np.asarray(x).tobytes(), None if dropout_key is None else
+         np.asarray(jax.random.key_data(dropout_key)).tobytes())
+  if key not in _STANDARD:
+    variables = standard.init(jax.random.key(0), x)
+    _STANDARD[key] = (variables, loss_and_grads(standard, variables, x, dropout_key),
+                      infer(standard, variables, x))
+  return _STANDARD[key]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def infer(model, variables, x):
+  return model.apply(variables, x)
+
+
+def lowered_train_gradient(model, image_shape):
+  """The jitted parameter gradient of a train-mode forward pass, lowered (not compiled)."""
+  images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+
+  def loss(params, batch_stats, images):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats},
+                            images, train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.key(0)})
+    return jnp.sum(logits)
+
+  return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)
+
+
