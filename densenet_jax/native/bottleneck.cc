@@ -32,6 +32,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using densenet_jax::Checks;
+using densenet_jax::Dims;
 using densenet_jax::ForEachPart;
 using densenet_jax::Guard;
 
@@ -91,31 +93,28 @@ struct Geometry {
   int64_t rows, channels, width, offset, out;
 };
 
-// Checks the operands against each other; `what` names the handler in errors.
-ffi::Error CheckGeometry(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernels,
-                         int64_t a_size, int64_t b_size, int32_t width, int32_t offset,
-                         const char* what, Geometry* g) {
-  auto fail = [what](const std::string& message) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(what) + ": " + message);
-  };
-  if (x.size() != 4 || kernels.size() != 4 || kernels[0] != 1 || kernels[1] != 1) {
-    return fail("expected an NHWC buffer and a [1, 1, rows, out] flat kernel");
+// Checks the operands both handlers take, and the output (forward: y; backward: dy), before
+// anything is read past their shapes: x [N, H, W, C], a and b [C], kernels [1, 1, rows, out],
+// width and offset int32 scalars with 1 <= width <= C and offset + width <= rows (as int64, so
+// that no sum of int32s wraps), out [N, H, W, out]. Fills `g` once they pass.
+void CheckGeometry(Checks& c, Dims x, Dims a, Dims b, Dims kernels,
+                   const ffi::Buffer<ffi::S32>& width, const ffi::Buffer<ffi::S32>& offset,
+                   const std::string& out_name, Dims out, Geometry* g) {
+  if (!(c.Rank("x", x, 4) && c.Rank("a", a, 1) && c.Rank("b", b, 1) &&
+        c.Rank("kernels", kernels, 4) && c.Rank("width", width.dimensions(), 0) &&
+        c.Rank("offset", offset.dimensions(), 0) && c.Rank(out_name, out, 4))) {
+    return;
   }
-  int64_t channels = x[3];
-  if (a_size != channels || b_size != channels) {
-    return fail("the BatchNorm factors must have one value per buffer channel");
-  }
-  if (width < 1 || width > channels) {
-    return fail("width " + std::to_string(width) + " outside [1, " + std::to_string(channels) +
-                "]");
-  }
-  if (offset < 0 || offset + width > kernels[2]) {
-    return fail("kernel rows [" + std::to_string(offset) + ", " +
-                std::to_string(offset + width) + ") outside the flat kernel's " +
-                std::to_string(kernels[2]));
-  }
-  *g = Geometry{x[0] * x[1] * x[2], channels, width, offset, kernels[3]};
-  return ffi::Error::Success();
+  int64_t channels = x[3], rows = kernels[2];
+  int64_t w = *width.typed_data(), o = *offset.typed_data();  // scalars: read once checked
+  c.Shape("a", a, {channels});
+  c.Shape("b", b, {channels});
+  c.Shape("kernels", kernels, {1, 1, rows, kernels[3]});
+  c.InRange("width", w, 1, channels);
+  c.InRange("offset", o, 0, rows - 1);
+  c.InRange("offset + width", o + w, 1, rows);
+  c.Shape(out_name, out, {x[0], x[1], x[2], kernels[3]});
+  *g = Geometry{x[0] * x[1] * x[2], channels, w, o, kernels[3]};
 }
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> a,
@@ -123,10 +122,10 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
                        ffi::Buffer<ffi::S32> width, ffi::Buffer<ffi::S32> offset,
                        ffi::ResultBuffer<ffi::F32> y) {
   Geometry g;
-  ffi::Error err = CheckGeometry(x.dimensions(), kernels.dimensions(), a.element_count(),
-                                 b.element_count(), *width.typed_data(), *offset.typed_data(),
-                                 "bottleneck_forward", &g);
-  if (err.failure()) return err;
+  Checks c("densenet_onednn_bottleneck_forward");
+  CheckGeometry(c, x.dimensions(), a.dimensions(), b.dimensions(), kernels.dimensions(), width,
+                offset, "y", y->dimensions(), &g);
+  if (!c.ok()) return c.Result();
   const float* k = kernels.typed_data() + g.offset * g.out;
   return Guard([&] {
     ForEachPart(pool, g.rows, [&](int64_t, int64_t first, int64_t count) {
@@ -153,10 +152,21 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                         ffi::ResultBuffer<ffi::F32> dkernels, ffi::ResultBuffer<ffi::F32> da,
                         ffi::ResultBuffer<ffi::F32> db) {
   Geometry g;
-  ffi::Error err = CheckGeometry(x.dimensions(), kernels.dimensions(), a.element_count(),
-                                 b.element_count(), *width.typed_data(), *offset.typed_data(),
-                                 "bottleneck_backward", &g);
-  if (err.failure()) return err;
+  Checks c("densenet_onednn_bottleneck_backward");
+  CheckGeometry(c, x.dimensions(), a.dimensions(), b.dimensions(), kernels.dimensions(), width,
+                offset, "dy", dy.dimensions(), &g);
+  if (!c.ok()) return c.Result();
+  // The gradients so far and the results (aliased to them, or copies made here) have the
+  // shapes of what they are gradients of.
+  std::vector<int64_t> x_dims(x.dimensions().begin(), x.dimensions().end()),
+      k_dims(kernels.dimensions().begin(), kernels.dimensions().end());
+  c.Shape("dx_in", dx_in.dimensions(), x_dims);
+  c.Shape("dx", dx->dimensions(), x_dims);
+  c.Shape("dkernels_in", dkernels_in.dimensions(), k_dims);
+  c.Shape("dkernels", dkernels->dimensions(), k_dims);
+  c.Shape("da", da->dimensions(), {g.channels});
+  c.Shape("db", db->dimensions(), {g.channels});
+  if (!c.ok()) return c.Result();
   if (dx_in.untyped_data() != dx->untyped_data()) {
     std::copy_n(dx_in.typed_data(), dx_in.element_count(), dx->typed_data());
   }

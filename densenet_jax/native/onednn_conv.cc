@@ -28,6 +28,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -41,6 +42,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using densenet_jax::Checks;
+using densenet_jax::Dims;
+using densenet_jax::DimsString;
 using densenet_jax::ForEachPart;
 using densenet_jax::Guard;
 
@@ -171,16 +175,6 @@ struct Scratch {
   }
 };
 
-ffi::Error CheckShapes(ffi::Span<const int64_t> act, ffi::Span<const int64_t> kernel,
-                       const char* what) {
-  if (act.size() != 4 || kernel.size() != 4 || kernel[0] != kernel[1] || kernel[0] % 2 != 1) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      std::string(what) + ": expected NHWC activations and a square, odd-sized "
-                                          "HWIO kernel");
-  }
-  return ffi::Error::Success();
-}
-
 void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
   const Op& op = GetOp(kind, s);
   Descs d = MakeDescs(s);
@@ -223,11 +217,46 @@ Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> kernel, int
 // Floats per image of an NHWC array.
 int64_t ImageSize(ffi::Span<const int64_t> dims) { return dims[1] * dims[2] * dims[3]; }
 
+struct Named {
+  std::string name;
+  Dims dims;
+};
+
+// Checks a convolution's operands before anything is read or written: `src` [N, H, W, in] (x,
+// or dx for the input gradient), `kernel` [k, k, in, out] square and odd-sized, `dst` [N,
+// out_h, out_w, out] (y, acc or the output gradient g) with out_h and out_w as the stride and
+// padding make them; stride >= 1, 0 <= padding < k ('same', k / 2, where `padding` is empty),
+// the kernel no larger than the padded input. Returns the padding.
+int64_t CheckConv(Checks& c, const Named& src, const Named& kernel, const Named& dst,
+                  int64_t stride, std::optional<int64_t> padding) {
+  if (!(c.Rank(src.name, src.dims, 4) && c.Rank(kernel.name, kernel.dims, 4) &&
+        c.Rank(dst.name, dst.dims, 4))) {
+    return 0;
+  }
+  int64_t k = kernel.dims[0], pad = padding.value_or(k / 2);
+  c.Expect(kernel.dims[1] == k && k % 2 == 1, kernel.name + " not square and odd-sized",
+           DimsString(kernel.dims), "[k, k, in, out] with k odd");
+  c.Expect(stride >= 1, "stride", std::to_string(stride), "at least 1");
+  c.InRange("padding", pad, 0, k - 1);
+  if (!c.ok()) return 0;  // the sums below are safe from here on
+  c.Expect(kernel.dims[2] == src.dims[3], kernel.name + " input channels",
+           std::to_string(kernel.dims[2]), std::to_string(src.dims[3]) + ", " + src.name + "'s");
+  int64_t h = src.dims[1] + 2 * pad, w = src.dims[2] + 2 * pad;
+  c.Expect(k <= std::min(h, w), kernel.name + " larger than the padded " + src.name,
+           std::to_string(k), "at most " + DimsString(std::vector<int64_t>{h, w}));
+  if (!c.ok()) return 0;
+  c.Shape(dst.name, dst.dims,
+          {src.dims[0], (h - k) / stride + 1, (w - k) / stride + 1, kernel.dims[3]});
+  return pad;
+}
+
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
                        int64_t stride, int64_t padding) {
-  ffi::Error err = CheckShapes(x.dimensions(), kernel.dimensions(), "onednn_conv_forward");
-  if (err.failure()) return err;
+  Checks c("densenet_onednn_conv_forward");
+  CheckConv(c, {"x", x.dimensions()}, {"kernel", kernel.dimensions()}, {"y", y->dimensions()},
+            stride, padding);
+  if (!c.ok()) return c.Result();
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
@@ -242,9 +271,13 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> acc,
                                  ffi::ResultBuffer<ffi::F32> y) {
-  ffi::Error err =
-      CheckShapes(x.dimensions(), kernel.dimensions(), "onednn_conv_forward_accumulate");
-  if (err.failure()) return err;
+  Checks c("densenet_onednn_conv_forward_accumulate");
+  int64_t padding = CheckConv(c, {"x", x.dimensions()}, {"kernel", kernel.dimensions()},
+                              {"acc", acc.dimensions()}, 1, std::nullopt);
+  // y is acc's buffer, or (where XLA could not alias them) a copy of acc made here.
+  c.Shape("y", y->dimensions(),
+          std::vector<int64_t>(acc.dimensions().begin(), acc.dimensions().end()));
+  if (!c.ok()) return c.Result();
   if (acc.untyped_data() != y->untyped_data()) {
     std::copy_n(acc.typed_data(), acc.element_count(), y->typed_data());
   }
@@ -252,7 +285,7 @@ ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
       Run(Kind::kForwardAccumulate,
-          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, kernel.dimensions()[0] / 2),
+          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, padding),
           x.typed_data() + first * x_size, kernel.untyped_data(),
           y->typed_data() + first * y_size);
     });
@@ -262,8 +295,10 @@ ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                             ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
                             int64_t stride, int64_t padding) {
-  ffi::Error err = CheckShapes(g.dimensions(), kernel.dimensions(), "onednn_conv_backward_data");
-  if (err.failure()) return err;
+  Checks c("densenet_onednn_conv_backward_data");
+  CheckConv(c, {"dx", dx->dimensions()}, {"kernel", kernel.dimensions()}, {"g", g.dimensions()},
+            stride, padding);
+  if (!c.ok()) return c.Result();
   int64_t g_size = ImageSize(g.dimensions()), dx_size = ImageSize(dx->dimensions());
   return Guard([&] {
     ForEachPart(pool, g.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
@@ -278,9 +313,10 @@ ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
 ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dkernel,
                                int64_t stride, int64_t padding) {
-  ffi::Error err =
-      CheckShapes(x.dimensions(), dkernel->dimensions(), "onednn_conv_backward_weights");
-  if (err.failure()) return err;
+  Checks c("densenet_onednn_conv_backward_weights");
+  CheckConv(c, {"x", x.dimensions()}, {"dkernel", dkernel->dimensions()}, {"g", g.dimensions()},
+            stride, padding);
+  if (!c.ok()) return c.Result();
   int64_t x_size = ImageSize(x.dimensions()), g_size = ImageSize(g.dimensions());
   int64_t k_size = dkernel->element_count();
   // Each part's kernel gradient goes to its own buffer (the first part's to the result), and

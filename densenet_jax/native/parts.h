@@ -1,5 +1,6 @@
-// Shared by the oneDNN handlers (onednn_conv.cc, bottleneck.cc): running a call's work in
-// parts on XLA's intra-op thread pool, and turning C++ exceptions into FFI errors.
+// Shared by the oneDNN handlers (onednn_conv.cc, bottleneck.cc): checking a call's operands,
+// running its work in parts on XLA's intra-op thread pool, and turning C++ exceptions into FFI
+// errors.
 
 #ifndef DENSENET_JAX_NATIVE_PARTS_H_
 #define DENSENET_JAX_NATIVE_PARTS_H_
@@ -15,12 +16,73 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace densenet_jax {
 
 namespace ffi = xla::ffi;
+
+using Dims = ffi::Span<const int64_t>;
+
+// "[2, 4, 4, 3]".
+template <typename Sizes>
+std::string DimsString(const Sizes& dims) {
+  std::string s = "[";
+  for (int64_t d : dims) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
+  return s + "]";
+}
+
+// The checks a handler makes on its operands, attributes and results before it touches any of
+// their memory: a custom call can be given any shapes (jax.ffi.ffi_call takes the results' on
+// trust), and a wrong one must come back as an XLA error, not as a crash or an access outside a
+// buffer. The first check that fails is kept, as "<target>: <what> (got ..., expected ...)";
+// later ones are then no-ops. Their arguments are still evaluated, so a handler checks ranks
+// first and returns on !ok() before it indexes any dimensions.
+class Checks {
+ public:
+  explicit Checks(const char* target) : target_(target) {}
+
+  bool ok() const { return message_.empty(); }
+
+  ffi::Error Result() const {
+    return ok() ? ffi::Error::Success()
+                : ffi::Error(ffi::ErrorCode::kInvalidArgument, message_);
+  }
+
+  // Fails with "<what> (got <got>, expected <expected>)" unless `good`; returns ok().
+  bool Expect(bool good, const std::string& what, const std::string& got,
+              const std::string& expected) {
+    if (ok() && !good) {
+      message_ = target_ + ": " + what + " (got " + got + ", expected " + expected + ")";
+    }
+    return ok();
+  }
+
+  // `dims` has `rank` dimensions, none of them empty (a scalar: rank 0).
+  bool Rank(const std::string& name, Dims dims, size_t rank) {
+    bool good = dims.size() == rank &&
+                std::all_of(dims.begin(), dims.end(), [](int64_t d) { return d >= 1; });
+    return Expect(good, name + " shape", DimsString(dims),
+                  "rank " + std::to_string(rank) + " with no empty dimension");
+  }
+
+  bool Shape(const std::string& name, Dims dims, const std::vector<int64_t>& expected) {
+    bool good = dims.size() == expected.size() &&
+                std::equal(dims.begin(), dims.end(), expected.begin());
+    return Expect(good, name + " shape", DimsString(dims), DimsString(expected));
+  }
+
+  // lo <= value <= hi; int64 on both sides, so that sums of int32 operands cannot wrap.
+  bool InRange(const std::string& what, int64_t value, int64_t lo, int64_t hi) {
+    return Expect(lo <= value && value <= hi, what, std::to_string(value),
+                  "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  }
+
+ private:
+  std::string target_, message_;
+};
 
 // How many parts ForEachPart splits [0, n) into: one per pool thread, at most n.
 inline int64_t NumParts(ffi::ThreadPool& pool, int64_t n) {
