@@ -9,6 +9,17 @@ import numpy as np
 from densenet_jax.models import create_model
 
 
+def abstract_variables(model, image_size, batch=2):
+  """The variables and an image batch of `model`, as shapes only (nothing computed)."""
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), images), images
+
+
+def count(tree):
+  """Number of scalars in a tree of arrays or shapes."""
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
 def tiny(depth=16, **overrides):
   return create_model('densenet_bc', depth=depth, growth_rate=4, **overrides)
 

@@ -11,7 +11,8 @@ import pytest
 from densenet_jax import models
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
-from model_checks import infer, loss_and_grads, lowered_train_gradient, tiny
+from model_checks import abstract_variables, count, infer, loss_and_grads, lowered_train_gradient, \
+    tiny
 
 # Parameter counts of the paper's models (ImageNet heads 1000 classes, CIFAR heads 10); the
 # ImageNet ones equal torchvision's.
@@ -28,15 +29,6 @@ PARAM_COUNTS = {
     'densenet_bc250_k24': 15_324_406,
     'densenet_bc190_k40': 25_624_430,
 }
-
-
-def abstract_variables(model, image_size, batch=2):
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), images), images
-
-
-def count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))

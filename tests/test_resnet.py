@@ -17,6 +17,7 @@ from densenet_jax.models import family
 from densenet_jax.models import resnet
 from densenet_jax.models import resnet_variants
 from densenet_jax.models.resnet import ResNet
+from model_checks import abstract_variables, count
 from test_training import tiny_config
 
 # Parameter counts (ImageNet heads 1000 classes: torchvision's; CIFAR heads 10: the papers').
@@ -30,15 +31,6 @@ PARAM_COUNTS = {
     'preact_resnet164': 1_703_258,
     'preact_resnet1001': 10_327_706,
 }
-
-
-def abstract_variables(model, image_size, batch=2):
-  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), images), images
-
-
-def count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))

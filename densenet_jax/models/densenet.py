@@ -309,15 +309,7 @@ def validate_fields(model: DenseNet) -> None:
     fail('scan_segments', 'a non-negative integer (0: unrolled layers)')
   if model.scan_chunk is not None and (not is_int(model.scan_chunk) or model.scan_chunk <= 0):
     fail('scan_chunk', 'a positive integer or None (chosen from the layer widths)')
-  if not is_int(model.num_classes) or model.num_classes <= 0:
-    fail('num_classes', 'a positive integer')
-  if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:
-    fail('bn_epsilon', 'a positive number')
-  if not isinstance(model.bn_momentum, (int, float)) or not 0 <= model.bn_momentum < 1:
-    fail('bn_momentum', 'a number in [0, 1) (Flax convention: 0.9 is torchvision 0.1)')
-  if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-                                    jnp.dtype(jnp.float16)):
-    fail('dtype', 'float32, bfloat16 or float16')
+  layer.check_fields(model, fail)
   for i, channels in enumerate(model.block_inputs[1:]):
     if channels == 0:
       fail('compression', f'a value that leaves transition {i + 1} at least one feature map')

@@ -70,6 +70,21 @@ class Spec:
     return 1 if self.bottleneck else 3
 
 
+def check_fields(model, fail: Callable[[str, str], None]) -> None:
+  """Checks the fields every model of the package shares (`num_classes`, BatchNorm's and the
+  computation dtype), calling `fail(field, expected)` on the first bad one."""
+  if (not isinstance(model.num_classes, int) or isinstance(model.num_classes, bool)
+      or model.num_classes <= 0):
+    fail('num_classes', 'a positive integer')
+  if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:
+    fail('bn_epsilon', 'a positive number')
+  if not isinstance(model.bn_momentum, (int, float)) or not 0 <= model.bn_momentum < 1:
+    fail('bn_momentum', 'a number in [0, 1) (Flax convention: 0.9 is torchvision 0.1)')
+  if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                    jnp.dtype(jnp.float16)):
+    fail('dtype', 'float32, bfloat16 or float16')
+
+
 def moments(x: Array):
   """Per-channel mean and mean of squares over batch and space, in float32."""
   x = x.astype(jnp.float32)

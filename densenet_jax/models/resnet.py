@@ -284,15 +284,7 @@ def validate_fields(model: ResNet) -> None:
          'never removed)')
   if model.stem not in STEMS:
     fail('stem', f'one of {STEMS}')
-  if not isinstance(model.num_classes, int) or model.num_classes <= 0:
-    fail('num_classes', 'a positive integer')
-  if not isinstance(model.bn_epsilon, (int, float)) or model.bn_epsilon <= 0:
-    fail('bn_epsilon', 'a positive number')
-  if not isinstance(model.bn_momentum, (int, float)) or not 0 <= model.bn_momentum < 1:
-    fail('bn_momentum', 'a number in [0, 1) (Flax convention: 0.9 is torchvision 0.1)')
-  if jnp.dtype(model.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
-                                    jnp.dtype(jnp.float16)):
-    fail('dtype', 'float32, bfloat16 or float16')
+  layer.check_fields(model, fail)
 
 
 def min_image_size(model: ResNet) -> int:
