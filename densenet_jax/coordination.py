@@ -33,6 +33,8 @@ _PREFIX = 'densenet_jax/'
 # A process whose peer reported a failure gives its own main thread this long to fail likewise
 # and exit with its own message, before it stops with the peer's.
 _GRACE_SECONDS = 5.0
+# How long process 0 outlives the others' exit once they have said they leave.
+_LEAVE_SECONDS = 1.0
 _state = {'decision_timeout': 600.0, 'rounds': 0, 'watchdog': None}
 
 
@@ -290,10 +292,28 @@ def _leave(watchdog: _Watchdog, value: str) -> None:
       values = watchdog.peers()
       if all(v == 'done' or v.startswith('failed:') for v in values.values()) and (
           len(values) == jax.process_count() - 1):
-        return
+        break
     except Exception:  # pylint: disable=broad-except
       pass
     time.sleep(watchdog.interval_s / 2)
+  _leave_in_order(deadline)
+
+
+def _leave_in_order(deadline: float) -> None:
+  """Process 0 hosts the coordination service, and JAX aborts any process whose service goes
+  away while it still runs (SIGABRT instead of our exit and message). So the others say that
+  they are leaving and exit; process 0 waits for that, and a moment more, and leaves last."""
+  me = jax.process_index()
+  try:
+    if me != 0:
+      _client().key_value_set(_key(f'left/{me}'), '1')
+      return
+    for p in range(1, jax.process_count()):
+      remaining = max(0.0, deadline - time.monotonic())
+      _client().blocking_key_value_get(_key(f'left/{p}'), max(1, int(remaining * 1000)))
+    time.sleep(_LEAVE_SECONDS)
+  except Exception:  # pylint: disable=broad-except
+    pass  # A process that never said so is lost: there is nothing left to wait for.
 
 
 @contextlib.contextmanager
