@@ -17,3 +17,14 @@ except ImportError:  # Only the converter tests use them; they skip without.
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+# The longest files first: `pytest -n 2 --dist loadfile` deals whole files to the two workers in
+# collection order, and a long file dealt last leaves one worker running it alone at the end.
+_LONGEST_FIRST = ('test_reliability.py', 'test_layer_paths.py', 'test_sweep.py',
+                  'test_models.py', 'test_training.py', 'test_convert.py', 'test_hosts.py',
+                  'test_object_store.py', 'test_resnet.py', 'test_input_pipeline.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files stay whole
