@@ -123,9 +123,10 @@ def _check_finite(history, first_step: int) -> None:
 def model_description(model) -> Dict[str, Any]:
   """The model's architectural fields, as JSON values, for comparison across restarts.
 
-  Fields that change how the same network is computed, not the network (compute dtype, a
-  DenseNet's memory_efficient and scanning, a ResNet's scan_blocks: `family.architecture`),
-  are left out: they may differ between the machines a run moves across.
+  Fields that change how the same network is computed, not the network nor its variables
+  (compute dtype, a DenseNet's memory_efficient and scanning: `family.architecture`), are left
+  out: they may differ between the machines a run moves across. A ResNet's scan_blocks stays:
+  it changes the checkpoint's layout.
   """
   return json.loads(json.dumps(family.architecture(model)))
 
