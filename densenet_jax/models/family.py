@@ -4,8 +4,8 @@ A run needs a few facts about its network beyond `apply`: its multiply-accumulat
 (the `gmacs` of results.json and the report), the smallest input it can take (validation),
 which fields only change *how* it is computed (dtype, scanning, recomputation), which a
 checkpoint need not agree on, and how to bring variables saved in another layout of the same
-network (a ResNet's unrolled or scanned blocks) into the model's. Each family answers them in `FAMILIES`; `family_of` is the one
-place that tells the families apart.
+network (a ResNet's unrolled or scanned blocks) into the model's. Each family answers them in
+`FAMILIES`; `family_of` is the one place that tells the families apart.
 """
 
 import dataclasses
