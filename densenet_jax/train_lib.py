@@ -7,7 +7,7 @@ donated to the step. BatchNorm therefore sees global-batch statistics with no `a
 
 import functools
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -170,20 +170,31 @@ def compiler_options(mesh: Mesh) -> Optional[Dict[str, str]]:
           if name not in user_flags} or None
 
 
+def on_mesh(step: Callable, mesh: Mesh) -> Callable:
+  """`step`, traced with `mesh` as the current mesh: code inside that needs to know how the
+  batch is split sees it (each device runs the native CPU calls on its own part of the batch,
+  densenet_jax/native/shards.py)."""
+  @functools.wraps(step)
+  def traced_on_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step(*args, **kwargs)
+  return traced_on_mesh
+
+
 def compile_steps(model, tx, schedule, label_smoothing, state_shardings, mesh):
   """Jitted train and eval steps with explicit shardings; the train state is donated."""
   data = batch_sharding(mesh)
   repl = replicated(mesh)
   options = compiler_options(mesh)
   p_train = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        label_smoothing=label_smoothing),
+      on_mesh(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                label_smoothing=label_smoothing), mesh),
       in_shardings=(state_shardings, data),
       out_shardings=(state_shardings, repl),
       donate_argnums=0,
       compiler_options=options,
   )
-  p_eval = jax.jit(functools.partial(eval_step, model=model),
+  p_eval = jax.jit(on_mesh(functools.partial(eval_step, model=model), mesh),
                    in_shardings=(state_shardings, data), out_shardings=repl,
                    compiler_options=options)
   return p_train, p_eval

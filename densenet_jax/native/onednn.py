@@ -35,7 +35,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import jaxlib
+from jax import lax
 import numpy as np
+
+from densenet_jax.native import shards
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = [_HERE / 'onednn_conv.cc', _HERE / 'bottleneck.cc']
@@ -254,32 +257,48 @@ def conv_forward(x: jax.Array, kernel: jax.Array, stride: int = 1,
   """Convolution of x [N, H, W, in] with kernel [k, k, in, out], k odd, zero-padded by
   `padding` on every side (default k // 2: 'same' at stride 1)."""
   attrs = _geometry(kernel.shape, stride, padding)
-  out = [_out_size(d, kernel.shape[0], stride, int(attrs['padding'])) for d in x.shape[1:3]]
-  return _call('conv_forward',
-               jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[3]), x.dtype), x, kernel,
-               **attrs)
+
+  def call(x, kernel):
+    out = [_out_size(d, kernel.shape[0], stride, int(attrs['padding'])) for d in x.shape[1:3]]
+    return (_call('conv_forward',
+                  jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[3]), x.dtype), x, kernel,
+                  **attrs),)
+
+  return shards.split(call, x, kernel, batched=(True, False), outputs=(shards.BATCH,))[0]
 
 
 def conv_forward_accumulate(acc: jax.Array, x: jax.Array, kernel: jax.Array) -> jax.Array:
   """acc + conv_forward(x, kernel) ('same', stride 1), written into acc's buffer in the
   convolution's own pass."""
-  return _call('conv_forward_accumulate', jax.ShapeDtypeStruct(acc.shape, acc.dtype), x,
-               kernel, acc, input_output_aliases={2: 0})
+  def call(acc, x, kernel):
+    return (_call('conv_forward_accumulate', jax.ShapeDtypeStruct(acc.shape, acc.dtype), x,
+                  kernel, acc, input_output_aliases={2: 0}),)
+
+  return shards.split(call, acc, x, kernel, batched=(True, True, False),
+                      outputs=(shards.BATCH,))[0]
 
 
 def conv_backward_data(g: jax.Array, kernel: jax.Array, x_shape=None, stride: int = 1,
                        padding: Optional[int] = None) -> jax.Array:
   """Gradient of `conv_forward` with respect to x (of shape x_shape; g's at stride 1)."""
   x_shape = g.shape[:3] + kernel.shape[2:3] if x_shape is None else tuple(x_shape)
-  return _call('conv_backward_data', jax.ShapeDtypeStruct(x_shape, g.dtype), g, kernel,
-               **_geometry(kernel.shape, stride, padding))
+
+  def call(g, kernel):
+    shape = (g.shape[0],) + x_shape[1:]   # g's part of the batch
+    return (_call('conv_backward_data', jax.ShapeDtypeStruct(shape, g.dtype), g, kernel,
+                  **_geometry(kernel.shape, stride, padding)),)
+
+  return shards.split(call, g, kernel, batched=(True, False), outputs=(shards.BATCH,))[0]
 
 
 def conv_backward_weights(x: jax.Array, g: jax.Array, kernel_shape, stride: int = 1,
                           padding: Optional[int] = None) -> jax.Array:
   """Gradient of `conv_forward` with respect to the kernel, for output gradient g."""
-  return _call('conv_backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
-               x, g, **_geometry(kernel_shape, stride, padding))
+  def call(x, g):
+    return (_call('conv_backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
+                  x, g, **_geometry(kernel_shape, stride, padding)),)
+
+  return shards.split(call, x, g, batched=(True, True), outputs=(shards.SUM,))[0]
 
 
 def _scalar(v):
@@ -301,17 +320,43 @@ def bottleneck_forward(x: jax.Array, a: jax.Array, b: jax.Array, kernels: jax.Ar
   Returns:
     [N, H, W, out].
   """
-  out = jax.ShapeDtypeStruct(x.shape[:3] + kernels.shape[3:], jnp.float32)
-  return _call('bottleneck_forward', out, x, a, b, kernels, _scalar(width), _scalar(offset))
+  def call(x, a, b, kernels, width, offset):
+    out = jax.ShapeDtypeStruct(x.shape[:3] + kernels.shape[3:], jnp.float32)
+    return (_call('bottleneck_forward', out, x, a, b, kernels, width, offset),)
+
+  return shards.split(call, x, a, b, kernels, _scalar(width), _scalar(offset),
+                      batched=(True,) + (False,) * 5, outputs=(shards.BATCH,))[0]
+
+
+def _bottleneck_backward(x, a, b, kernels, width, offset, dy, dx, dkernels):
+  results = (jax.ShapeDtypeStruct(dx.shape, jnp.float32),
+             jax.ShapeDtypeStruct(dkernels.shape, jnp.float32),
+             jax.ShapeDtypeStruct(a.shape, jnp.float32),
+             jax.ShapeDtypeStruct(b.shape, jnp.float32))
+  return _call('bottleneck_backward', results, x, a, b, kernels, width, offset, dy, dx,
+               dkernels, input_output_aliases={7: 0, 8: 1})
 
 
 def bottleneck_backward(x, a, b, kernels, width, offset, dy, dx, dkernels):
   """Gradients of `bottleneck_forward` for output gradient dy: returns (dx + the gradient of x,
   dkernels + the gradient of kernels, gradient of a, gradient of b). dx and dkernels are
-  updated in place where XLA can give their buffers to the call (a reverse scan's carries)."""
-  results = (jax.ShapeDtypeStruct(dx.shape, jnp.float32),
-             jax.ShapeDtypeStruct(dkernels.shape, jnp.float32),
-             jax.ShapeDtypeStruct(a.shape, jnp.float32),
-             jax.ShapeDtypeStruct(b.shape, jnp.float32))
-  return _call('bottleneck_backward', results, x, a, b, kernels, _scalar(width),
-               _scalar(offset), dy, dx, dkernels, input_output_aliases={7: 0, 8: 1})
+  updated in place where XLA can give their buffers to the call (a reverse scan's carries).
+
+  With the batch split over devices, each device's kernel gradient is summed over the devices;
+  only the rows the layer reads are: the call gets the window of `kernels` that holds them (as
+  many rows as x has channels) and a zero gradient for it, and the summed window is added to
+  `dkernels`. Summing all of `dkernels` would move a block's every kernel once per layer.
+  """
+  width, offset = _scalar(width), _scalar(offset)
+  batched = (True, False, False, False, False, False, True, True, False)
+  outputs = (shards.BATCH, shards.SUM, shards.SUM, shards.SUM)
+  if shards.batch_axes(x, dy, dx) is None:
+    return _bottleneck_backward(x, a, b, kernels, width, offset, dy, dx, dkernels)
+  rows = min(x.shape[-1], kernels.shape[2])
+  start = jnp.clip(offset, 0, kernels.shape[2] - rows)
+  window = lambda k: lax.dynamic_slice_in_dim(k, start, rows, 2)
+  dx, d_window, da, db = shards.split(
+      _bottleneck_backward, x, a, b, window(kernels), width, offset - start, dy, dx,
+      jnp.zeros(window(dkernels).shape, jnp.float32), batched=batched, outputs=outputs)
+  dkernels = lax.dynamic_update_slice_in_dim(dkernels, window(dkernels) + d_window, start, 2)
+  return dx, dkernels, da, db
