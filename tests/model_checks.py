@@ -20,6 +20,16 @@ def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
+def assert_count_and_logits(name, image_size, params, num_classes):
+  """create_model(name) has `params` parameters and maps images of `image_size` to float32
+  logits [batch, num_classes], checked on shapes only."""
+  model = create_model(name)
+  variables, images = abstract_variables(model, image_size)
+  assert count(variables['params']) == params
+  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert logits.shape == (2, num_classes) and logits.dtype == jnp.float32
+
+
 def tiny(depth=16, **overrides):
   return create_model('densenet_bc', depth=depth, growth_rate=4, **overrides)
 

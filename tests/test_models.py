@@ -11,8 +11,8 @@ import pytest
 from densenet_jax import models
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
-from model_checks import abstract_variables, count, infer, loss_and_grads, lowered_train_gradient, \
-    tiny
+from model_checks import abstract_variables, assert_count_and_logits, count, infer, \
+    loss_and_grads, lowered_train_gradient, tiny
 
 # Parameter counts of the paper's models (ImageNet heads 1000 classes, CIFAR heads 10); the
 # ImageNet ones equal torchvision's.
@@ -33,13 +33,9 @@ PARAM_COUNTS = {
 
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
 def test_parameter_count_and_output_shape(name):
-  model = create_model(name)
-  size = 224 if name in models.IMAGENET_MODELS else 32
-  variables, images = abstract_variables(model, size)
-  assert count(variables['params']) == PARAM_COUNTS[name]
-  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
-  assert logits.shape == (2, model.num_classes)
-  assert logits.dtype == jnp.float32
+  imagenet = name in models.IMAGENET_MODELS
+  assert_count_and_logits(name, 224 if imagenet else 32, PARAM_COUNTS[name],
+                          1000 if imagenet else 10)
 
 
 def test_every_named_model_is_checked():

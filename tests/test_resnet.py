@@ -17,7 +17,7 @@ from densenet_jax.models import family
 from densenet_jax.models import resnet
 from densenet_jax.models import resnet_variants
 from densenet_jax.models.resnet import ResNet
-from model_checks import abstract_variables, count
+from model_checks import abstract_variables, assert_count_and_logits, count
 from test_training import tiny_config
 
 # Parameter counts (ImageNet heads 1000 classes: torchvision's; CIFAR heads 10: the papers').
@@ -35,12 +35,9 @@ PARAM_COUNTS = {
 
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
 def test_parameter_count_and_output_shape(name):
-  model = create_model(name)
-  size = 224 if name in resnet_variants.IMAGENET_MODELS else 32
-  variables, images = abstract_variables(model, size)
-  assert count(variables['params']) == PARAM_COUNTS[name]
-  logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
-  assert logits.shape == (2, 1000 if size == 224 else 10) and logits.dtype == jnp.float32
+  imagenet = name in resnet_variants.IMAGENET_MODELS
+  assert_count_and_logits(name, 224 if imagenet else 32, PARAM_COUNTS[name],
+                          1000 if imagenet else 10)
 
 
 def test_every_named_resnet_is_checked():

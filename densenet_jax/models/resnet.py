@@ -19,6 +19,7 @@ and its head adds a final BN-ReLU.
 All images are `[batch, height, width, channels]`.
 """
 
+import dataclasses
 from typing import Any, Dict, Sequence
 
 import flax.linen as nn
@@ -59,6 +60,19 @@ def _conv(x: Array, features: int, size: int, strides: int, dtype: Dtype, name: 
   return Conv(features, size, strides, size // 2, dtype=dtype, name=name)(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class Design:
+  """What every block of a ResNet shares (the `ResNet` fields of the same names say what each
+  means): one value handed down to the stages and blocks, so that a field is added once."""
+
+  bottleneck: bool = False
+  preactivation: bool = False
+  shortcut: str = 'projection'
+  bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+
+
 class ResidualBlock(nn.Module):
   """One residual block: basic (two 3x3 convolutions) or bottleneck (1x1, 3x3, 1x1), with
   post-activation (conv-BN-ReLU, ReLU after the addition) or pre-activation (BN-ReLU-conv).
@@ -67,25 +81,23 @@ class ResidualBlock(nn.Module):
     width: maps of the 3x3 convolutions; the block outputs `width` (basic) or
       4 * `width` (bottleneck) maps.
     strides: stride of the block's 3x3 convolution and of its shortcut.
+    design: the network's kind of block, BatchNorm settings and dtype.
   """
 
   width: int
-  strides: int = 1
-  bottleneck: bool = False
-  preactivation: bool = False
-  shortcut: str = 'projection'
-  bn_epsilon: float = 1e-5
-  bn_momentum: float = 0.9
-  dtype: Dtype = jnp.float32
+  strides: int
+  design: Design
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
+    d = self.design
+
     def norm(y, name):
-      return _batch_norm(y, train, name, self.bn_epsilon, self.bn_momentum, self.dtype,
+      return _batch_norm(y, train, name, d.bn_epsilon, d.bn_momentum, d.dtype,
                          self.is_initializing())
 
-    out_features = self.width * EXPANSION if self.bottleneck else self.width
-    if self.bottleneck:  # (maps, kernel size, stride) of each convolution
+    out_features = self.width * EXPANSION if d.bottleneck else self.width
+    if d.bottleneck:  # (maps, kernel size, stride) of each convolution
       convs = ((self.width, 1, 1), (self.width, 3, self.strides), (out_features, 1, 1))
     else:
       convs = ((self.width, 3, self.strides), (self.width, 3, 1))
@@ -93,23 +105,23 @@ class ResidualBlock(nn.Module):
     shortcut = x
     y = x
     for i, (features, size, strides) in enumerate(convs, 1):
-      if self.preactivation:
+      if d.preactivation:
         y = nn.relu(norm(y, f'norm{i}'))
-        if i == 1 and reshaped and self.shortcut == 'projection':
+        if i == 1 and reshaped and d.shortcut == 'projection':
           shortcut = y   # the projection reads the pre-activated input, as the paper's code
-      y = _conv(y, features, size, strides, self.dtype, f'conv{i}')
-      if not self.preactivation:
+      y = _conv(y, features, size, strides, d.dtype, f'conv{i}')
+      if not d.preactivation:
         y = norm(y, f'norm{i}')
         y = nn.relu(y) if i < len(convs) else y
-    if reshaped and self.shortcut == 'projection':
-      shortcut = _conv(shortcut, out_features, 1, self.strides, self.dtype, 'shortcut_conv')
-      if not self.preactivation:
+    if reshaped and d.shortcut == 'projection':
+      shortcut = _conv(shortcut, out_features, 1, self.strides, d.dtype, 'shortcut_conv')
+      if not d.preactivation:
         shortcut = norm(shortcut, 'shortcut_norm')
     elif reshaped:  # option A: every strides-th pixel, and zero maps appended
       shortcut = shortcut[:, ::self.strides, ::self.strides]
       shortcut = jnp.pad(shortcut, ((0, 0),) * 3 + ((0, out_features - shortcut.shape[-1]),))
     y = y + shortcut.astype(y.dtype)
-    return y if self.preactivation else nn.relu(y)
+    return y if d.preactivation else nn.relu(y)
 
 
 class Stage(nn.Module):
@@ -125,19 +137,12 @@ class Stage(nn.Module):
 
   num_blocks: int
   width: int
-  strides: int = 1
-  bottleneck: bool = False
-  preactivation: bool = False
-  shortcut: str = 'projection'
-  bn_epsilon: float = 1e-5
-  bn_momentum: float = 0.9
-  dtype: Dtype = jnp.float32
+  strides: int
+  design: Design
   scan_blocks: bool = True
 
   def _block(self, strides: int, name: str) -> ResidualBlock:
-    return ResidualBlock(self.width, strides, self.bottleneck, self.preactivation,
-                         self.shortcut, self.bn_epsilon, self.bn_momentum, self.dtype,
-                         name=name)
+    return ResidualBlock(self.width, strides, self.design, name=name)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -234,7 +239,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
     """Maps images [batch, height, width, channels] to float32 logits [batch, num_classes]."""
-    common = dict(bn_epsilon=self.bn_epsilon, bn_momentum=self.bn_momentum, dtype=self.dtype)
+    design = Design(self.bottleneck, self.preactivation, self.shortcut, self.bn_epsilon,
+                    self.bn_momentum, self.dtype)
 
     def norm_relu(y, name):
       return nn.relu(_batch_norm(y, train, name, self.bn_epsilon, self.bn_momentum, self.dtype,
@@ -250,9 +256,8 @@ class ResNet(nn.Module):
     if self.stem == 'imagenet':
       x = ops.max_pool(x, window=3, stride=2, padding=1)
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      x = Stage(num_blocks, width, 1 if i == 0 else 2, self.bottleneck, self.preactivation,
-                self.shortcut, scan_blocks=self.scan_blocks, name=f'stage{i + 1}',
-                **common)(x, train)
+      x = Stage(num_blocks, width, 1 if i == 0 else 2, design, self.scan_blocks,
+                name=f'stage{i + 1}')(x, train)
     if self.preactivation:
       x = norm_relu(x, 'final_norm')
     x = jnp.mean(x, axis=(1, 2))
