@@ -179,6 +179,24 @@ def override_args(overrides: Dict[str, Any]) -> List[str]:
   return args
 
 
+def parse_train_flags(config_arg: str, args: Sequence[str]):
+  """The config train.py builds from `--config=config_arg` and `args`, parsed as train.py's
+  flags parse them: a value the check accepts but the flags cannot express (None for a typed
+  field) fails here, before any point runs, not in the point's own process.
+
+  Raises:
+    SweepError: with the flags' message.
+  """
+  argv = ['train.py', f'--config={config_arg}', *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
+  try:
+    values(argv)
+  except flags.Error as e:
+    raise SweepError(f'train.py cannot take these flags: {e}') from None
+  return values.config
+
+
 @dataclasses.dataclass
 class Sweep:
   """A sweep config's points, checked, with their commands and workdirs under `workdir`."""
@@ -227,6 +245,7 @@ def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
     label = f'Point {point.index + 1} of {len(points)} ({point.name})'
     try:
       trainer.prepare(apply_overrides(config, point.overrides), device_count, process_count)
+      parse_train_flags(config_arg, override_args(common) + override_args(point.overrides))
     except (SweepError, validation.ConfigError) as e:
       raise SweepError(f'{label}: {e}') from None
   return Sweep(config_arg, os.path.abspath(workdir), points, common)

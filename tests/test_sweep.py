@@ -39,6 +39,8 @@ SWEEP_CONFIG = textwrap.dedent('''
         return hyper.sweep('model.depth', [10, 11])
       if arg == 'typo':
         return [{'model.growth_rate': 4}, {'model.growth_rte': 6}]
+      if arg == 'none':   # a valid config, but no flag sets a float field to None
+        return [{'model.growth_rate': 4}, {'model.dropout_rate': None}]
       return hyper.sweep('model.growth_rate', [4, 6])
 ''')
 
@@ -100,8 +102,10 @@ def test_ablation_configs_declare_their_studies():
   for size, count in (('cpu', 6), (None, 5)):
     points = densenet_vs_resnet.get_sweep(size)
     assert len(points) == count
-    built = [trainer.build_model(sweep.apply_overrides(densenet_vs_resnet.get_config(size), p),
-                                 10) for p in points]
+    arg = 'configs/ablations/densenet_vs_resnet.py' + (f':{size}' if size else '')
+    # As each point's train.py parses its flags.
+    built = [trainer.build_model(sweep.parse_train_flags(
+        os.path.join(ROOT, arg), sweep.override_args(p)), 10) for p in points]
     assert {report.family(trainer.model_description(m)) for m in built} == {
         'DenseNet-BC', 'pre-activation ResNet'}
 
@@ -109,7 +113,8 @@ def test_ablation_configs_declare_their_studies():
 def test_invalid_points_are_refused_before_anything_runs(sweep_file, tmp_path):
   for arg, match in (('invalid', r'Point 2 of 2 \(depth=11\): config.model: depth=11 does '
                                  'not fit DenseNet-BC'),
-                     ('typo', r'Point 2 of 2 .*config.model.growth_rte=6: no such field')):
+                     ('typo', r'Point 2 of 2 .*config.model.growth_rte=6: no such field'),
+                     ('none', r'Point 2 of 2 .*train.py cannot take these flags: .*dropout_rate')):
     config = sweep.load_config(f'{sweep_file}:{arg}')
     with pytest.raises(sweep.SweepError, match=match):
       sweep.build_sweep(f'{sweep_file}:{arg}', config, str(tmp_path / arg), {}, 1, 1)

@@ -17,7 +17,6 @@ pre-activation ResNets of depth 11, 20 and 29 (9n + 2, n = 1, 2, 3), 1,200 steps
 
 from configs import cifar_base
 from configs.ablations import common
-from densenet_jax import hyper
 
 # (model, depth, growth rate; None for the ResNets, which have none).
 POINTS = {
@@ -32,7 +31,7 @@ POINTS = {
 def get_config(arg=None):
   config = cifar_base.get_config('densenet_bc', 'cifar10')
   config.model.depth = 100
-  config.model.growth_rate = 12
+  config.model.growth_rate = None   # set by each DenseNet point; a ResNet has none
   config.model.dropout_rate = None   # C10+: no dropout, and the ResNets have none
   if common.size(arg) == 'cpu':
     common.cpu_budget(config)
@@ -40,7 +39,7 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  names, depths, growth_rates = zip(*POINTS[common.size(arg)])
-  return hyper.zipped(hyper.sweep('model.name', list(names)),
-                      hyper.sweep('model.depth', list(depths)),
-                      hyper.sweep('model.growth_rate', list(growth_rates)))
+  # A ResNet point leaves growth_rate out: train.py's flags cannot set a field to None.
+  return [{'model.name': name, 'model.depth': depth,
+           **({'model.growth_rate': k} if k is not None else {})}
+          for name, depth, k in POINTS[common.size(arg)]]
