@@ -112,16 +112,35 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> t
   return tf.image.resize(to_float(crop), [image_size, image_size], antialias=True)
 
 
+def decode_jpeg_window(jpeg: tf.Tensor, window: tf.Tensor, channels: int) -> tf.Tensor:
+  """The pixels of `window`, `[offset_y, offset_x, height, width]`, of an encoded JPEG, equal bit
+  for bit to decoding the whole image and slicing it.
+
+  libjpeg-turbo decodes only the window's rows and blocks, but upsamples subsampled colour at the
+  window's left and right edges without the neighbouring columns, which changes the colour of
+  the edge column (by up to 16 of 255 in our files). Decoding one column more on each side, where
+  the image has one, and dropping it restores the whole decode's pixels (checked for 4:2:0,
+  4:2:2, 4:4:4, progressive, grayscale and CMYK files).
+  """
+  width = tf.image.extract_jpeg_shape(jpeg)[1]
+  left = tf.minimum(window[1], 1)
+  right = tf.minimum(width - window[1] - window[3], 1)
+  wider = window + tf.stack([0, -left, 0, left + right])
+  pixels = tf.image.decode_and_crop_jpeg(jpeg, wider, channels=channels)
+  return pixels[:, left:left + window[3]]
+
+
 def random_resized_crop_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, image_size: int,
                              channels: int) -> tf.Tensor:
   """As random_resized_crop, but decodes only the crop of an encoded JPEG.
 
-  The crop is a fraction of the picture, so decoding only it saves most of ImageNet's decoding
-  time. The window is sampled from the header's shape exactly as from a decoded image, so both
-  paths crop the same pixels for the same seed.
+  The crop is a fraction of the picture, so decoding only it saves 30% of the JPEG's decoding
+  time. The window is sampled from the header's shape exactly as from a decoded image, and
+  decode_jpeg_window decodes its pixels exactly, so both paths give the same result for the same
+  seed.
   """
   window = _crop_window(tf.image.extract_jpeg_shape(jpeg), seed)
-  crop = tf.image.decode_and_crop_jpeg(jpeg, window, channels=channels)
+  crop = decode_jpeg_window(jpeg, window, channels)
   return tf.image.resize(to_float(crop), [image_size, image_size], antialias=True)
 
 
