@@ -23,13 +23,18 @@ measures, each in a fresh process:
 Cores are limited alike for both: each measuring process pins itself, before it imports
 TensorFlow or torch, to the first N CPUs with `sched_setaffinity` (what `taskset` does), and
 torch's DataLoader workers inherit the mask. TensorFlow sizes its thread pools (tf.data's
-included) from the CPUs it may run on, so it runs N threads; the DataLoader runs N worker
-processes (each single-threaded, torch's default for workers) beside its main process.
+included) from the CPUs the process may run on, so they have N threads; the DataLoader runs N
+worker processes (single-threaded, torch's default for workers) beside its main process.
 
-A rate is images of one whole epoch over its wall time, pipeline start-up included as a trainer
+A rate is the images of one whole epoch over its time, pipeline start-up included as a trainer
 pays it every epoch; each process discards its first epoch (warm-up) and reports the median of
-the others. Processes of the pipelines alternate round by round, so that the machine's drift
-falls on all of them alike; the table gives medians over rounds.
+the others. Rates are per wall second and per CPU second: user and system time of the process
+and of its reaped children (the DataLoader's workers, which torch joins at the end of each epoch
+by default). On a machine shared with other jobs the wall rates move by tens of percent from one
+process to the next and the CPU rates far less; per CPU second is what one fully used core
+delivers. Processes of the pipelines alternate round by round, so that the machine's drift falls
+on all of them alike; the table gives medians over rounds. `--baseline=DIR` measures another
+checkout's pipeline in the same rounds, how a change to the pipeline is judged.
 """
 
 import json
