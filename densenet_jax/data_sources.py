@@ -39,6 +39,11 @@ class Shard:
   decode: Callable[[tf.Tensor], tf.Tensor]
   # Records hold JPEGs that preprocessing can decode only the random crop of.
   jpeg: bool = False
+  # Folder only, where records are paths: a record's file contents, checked against MAX_PIXELS,
+  # and their decoding. With them, training decodes only the random crop of the files that are
+  # JPEGs (is_jpeg), and the others whole.
+  read: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
+  decode_contents: Optional[Callable[[tf.Tensor], tf.Tensor]] = None
   # Paths of the shard's files that cannot be read or decoded (folder only), to name them.
   find_unreadable: Optional[Callable[[], list]] = None
 
@@ -205,14 +210,28 @@ def _read_file(path: tf.Tensor) -> tf.Tensor:
                  lambda: tf.io.read_file(path))
 
 
-def _decode_file(path: tf.Tensor) -> tf.Tensor:
+def is_jpeg(contents: tf.Tensor) -> tf.Tensor:
+  """Whether encoded image bytes are a JPEG, by the magic number tf.io.decode_image reads."""
+  return tf.equal(tf.strings.substr(contents, 0, 3), b'\xff\xd8\xff')
+
+
+def _read_checked(path: tf.Tensor) -> tf.Tensor:
+  """The file's contents, once its header is known to declare at most MAX_PIXELS pixels."""
   contents = _read_file(path)
   check = tf.debugging.assert_less_equal(
       _declared_pixels(contents), tf.constant(MAX_PIXELS, tf.int64),
       message=f'image larger than data_sources.MAX_PIXELS={MAX_PIXELS} pixels (a '
       'decompression bomb?), refused before decoding')
   with tf.control_dependencies([check]):
-    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    return tf.identity(contents)
+
+
+def _decode_contents(contents: tf.Tensor) -> tf.Tensor:
+  return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+
+def _decode_file(path: tf.Tensor) -> tf.Tensor:
+  return _decode_contents(_read_checked(path))
 
 
 def _unreadable_files(paths: np.ndarray) -> list:
@@ -270,8 +289,9 @@ class FolderSource:
       # Files are listed class by class; a fixed mix spreads the classes over the shards.
       order = np.random.RandomState(0).permutation(len(labels))
       paths, labels = paths[order], labels[order]
-    return _in_memory_shard(paths, labels, 3, index, count, drop_remainder, _decode_file,
-                            _unreadable_files)
+    shard = _in_memory_shard(paths, labels, 3, index, count, drop_remainder, _decode_file,
+                             _unreadable_files)
+    return dataclasses.replace(shard, read=_read_checked, decode_contents=_decode_contents)
 
 
 def _tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:

@@ -35,10 +35,17 @@ def to_float(image: tf.Tensor) -> tf.Tensor:
 
 
 def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
-  """(x - mean) / std per channel, for a float image in [0, 1]."""
-  mean = tf.constant(mean, tf.float32)
-  std = tf.constant(std, tf.float32)
-  return (image - mean) / std
+  """(x - mean) / std per channel, for a float image `[height, width, channels]` in [0, 1].
+
+  The same arithmetic, bit for bit, on rows `[height, width * channels]` with the constants
+  tiled along a row: TensorFlow's CPU kernels broadcast a `[channels]` vector over the innermost
+  axis five times slower (1 ms for a 224x224 image, a quarter of ImageNet's augmentation).
+  """
+  shape = tf.shape(image)
+  rows = tf.reshape(image, [shape[0], -1])
+  mean = tf.tile(tf.constant(mean, tf.float32), [shape[1]])
+  std = tf.tile(tf.constant(std, tf.float32), [shape[1]])
+  return tf.reshape((rows - mean) / std, shape)
 
 
 def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -57,22 +64,26 @@ def resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
       lambda: tf.image.resize(to_float(image), [image_size, image_size], antialias=True))
 
 
-def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Resizes, keeping the aspect ratio, so that the shorter side has `size` pixels."""
+def resized_center_crop(image: tf.Tensor, shorter_side: int, size: int) -> tf.Tensor:
+  """The central size x size window of the image resized, aspect ratio kept, so that its shorter
+  side has `shorter_side` pixels (antialiased as tf.image.resize, which calls the same op).
+
+  Only the window's pixels are computed: the op's translation shifts the output grid to the
+  window, 40% less time for ImageNet's 256 -> 224. The result equals resizing the whole image and
+  cropping it up to float rounding of the sample positions ((x + top + 0.5) / scale against
+  (x + 0.5) / scale + top / scale): below 1e-4 for pixels in [0, 1] in our checks, where one
+  step of an 8-bit pixel is 4e-3.
+  """
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = size / tf.reduce_min(shape)
-  new_shape = tf.cast(tf.round(shape * scale), tf.int32)
-  # Rounding must not leave the shorter side a pixel short of the crop that follows.
-  new_shape = tf.maximum(new_shape, size)
-  return tf.image.resize(to_float(image), new_shape, antialias=True)
-
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central size x size window of an image at least that large."""
-  shape = tf.shape(image)
-  top = (shape[0] - size) // 2
-  left = (shape[1] - size) // 2
-  return image[top:top + size, left:left + size]
+  new_shape = tf.cast(tf.round(shape * (shorter_side / tf.reduce_min(shape))), tf.int32)
+  # Rounding must not leave the shorter side a pixel short of the crop.
+  new_shape = tf.maximum(new_shape, shorter_side)
+  offset = (new_shape - size) // 2
+  window = tf.raw_ops.ScaleAndTranslate(
+      images=to_float(image)[None], size=tf.constant([size, size]),
+      scale=tf.cast(new_shape, tf.float32) / shape,  # As tf.image.resize computes it.
+      translation=-tf.cast(offset, tf.float32), kernel_type='triangle', antialias=True)
+  return window[0]
 
 
 def _crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -101,16 +112,35 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, image_size: int) -> t
   return tf.image.resize(to_float(crop), [image_size, image_size], antialias=True)
 
 
+def decode_jpeg_window(jpeg: tf.Tensor, window: tf.Tensor, channels: int) -> tf.Tensor:
+  """The pixels of `window`, `[offset_y, offset_x, height, width]`, of an encoded JPEG, equal bit
+  for bit to decoding the whole image and slicing it.
+
+  libjpeg-turbo decodes only the window's rows and blocks, but upsamples subsampled colour at the
+  window's left and right edges without the neighbouring columns, which changes the colour of
+  the edge column (by up to 16 of 255 in our files). Decoding one column more on each side, where
+  the image has one, and dropping it restores the whole decode's pixels (checked for 4:2:0,
+  4:2:2, 4:4:4, progressive, grayscale and CMYK files).
+  """
+  width = tf.image.extract_jpeg_shape(jpeg)[1]
+  left = tf.minimum(window[1], 1)
+  right = tf.minimum(width - window[1] - window[3], 1)
+  wider = window + tf.stack([0, -left, 0, left + right])
+  pixels = tf.image.decode_and_crop_jpeg(jpeg, wider, channels=channels)
+  return pixels[:, left:left + window[3]]
+
+
 def random_resized_crop_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, image_size: int,
                              channels: int) -> tf.Tensor:
   """As random_resized_crop, but decodes only the crop of an encoded JPEG.
 
-  The crop is a fraction of the picture, so decoding only it saves most of ImageNet's decoding
-  time. The window is sampled from the header's shape exactly as from a decoded image, so both
-  paths crop the same pixels for the same seed.
+  The crop is a fraction of the picture, so decoding only it saves 30% of the JPEG's decoding
+  time. The window is sampled from the header's shape exactly as from a decoded image, and
+  decode_jpeg_window decodes its pixels exactly, so both paths give the same result for the same
+  seed.
   """
   window = _crop_window(tf.image.extract_jpeg_shape(jpeg), seed)
-  crop = tf.image.decode_and_crop_jpeg(jpeg, window, channels=channels)
+  crop = decode_jpeg_window(jpeg, window, channels)
   return tf.image.resize(to_float(crop), [image_size, image_size], antialias=True)
 
 
@@ -139,8 +169,7 @@ def eval_image(image: tf.Tensor, *, preprocess: str, image_size: int, mean: Sequ
   """
   channels = image.shape[-1]
   if preprocess == 'imagenet':
-    image = resize_shorter_side(image, round(image_size * IMAGENET_RESIZE_RATIO))
-    image = center_crop(image, image_size)
+    image = resized_center_crop(image, round(image_size * IMAGENET_RESIZE_RATIO), image_size)
   else:
     image = resize(image, image_size)
   image = normalize(image, mean, std)

@@ -1,9 +1,15 @@
-"""The A/B benchmark (benchmarks/ab.py) on a tiny model: it runs, and rejects bad variants."""
+"""The benchmarks run: ab.py on a tiny model (and rejects bad variants), throughput.py's table,
+input_pipeline.py's generated JPEGs and one short measurement."""
 
+import functools
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AB = os.path.join(ROOT, 'benchmarks', 'ab.py')
@@ -105,3 +111,35 @@ def test_throughput_resnet_cases_and_torch_counterparts():
         int(np.prod(p.shape)) for p in jax.tree.leaves(params)), name
   with torch.no_grad():
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def _input_benchmark():
+  """benchmarks/input_pipeline.py, its flags in a FlagValues of their own: its --torch, --json and
+  --markdown are throughput.py's names too, and both are loaded in this process."""
+  import absl  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  private = flags.FlagValues()
+  spec = importlib.util.spec_from_file_location(
+      'input_pipeline_benchmark', os.path.join(ROOT, 'benchmarks', 'input_pipeline.py'))
+  bench = importlib.util.module_from_spec(spec)
+  with pytest.MonkeyPatch.context() as patch:  # Only while the module defines its flags.
+    patch.setattr(absl, 'flags', types.SimpleNamespace(**{
+        name: functools.partial(getattr(flags, name), flag_values=private)
+        for name in ('DEFINE_string', 'DEFINE_integer', 'DEFINE_bool', 'DEFINE_list')}))
+    spec.loader.exec_module(bench)
+  return bench
+
+
+def test_input_pipeline_benchmark_writes_data_and_measures_ours(tmp_path):
+  bench = _input_benchmark()
+  data = bench.write_data(str(tmp_path), num_images=4, num_classes=2)
+  assert bench.write_data(str(tmp_path), num_images=4, num_classes=2) == data  # Cached.
+  files = [f for _, _, names in os.walk(data['folder']) for f in names]
+  assert len(files) == 4 and data['mean_jpeg_kib'] > 20  # Photo-like sizes, not flat colour.
+  # One source keeps this short; tests/test_preprocessing.py covers the folder's training path.
+  rates = bench.measure_ours('tfds', data, batch_size=2, epochs=1)
+  assert all(rate > 0 for k in ('train', 'eval') for rate in rates[k].values())
+  torch = {k: {'wall': rates[k]['wall'] / 2, 'cpu': 1.0} for k in ('train', 'eval')}
+  table = bench.table([dict(pipeline='ours-tfds', cores=1, **rates),
+                       dict(pipeline='torchvision', cores=1, **torch)])
+  assert '| ours-tfds | 1 |' in table and '| 2.00x, 2.00x |' in table
