@@ -6,6 +6,12 @@
 // handlers give the train step oneDNN's kernels for NHWC activations and HWIO kernels,
 // the layouts our models already use, so nothing is transposed around the calls.
 //
+// Element types: activations, kernels and their gradients are all float32, or all bfloat16,
+// except the kernel gradient, which is float32 either way: oneDNN accumulates it in float32
+// over every position of the batch, and the parameters it updates are float32, so rounding it
+// to bfloat16 would only lose precision. Where bfloat16 is taken is decided in onednn.py
+// (`dtypes`), from what this CPU runs natively (`DensenetOnednnBfloat16Kernels` below).
+//
 // Threads: this oneDNN build parallelises with OpenMP, and inside an XLA program its thread
 // team competed with XLA's own threads for the cores (XLA runs independent operations
 // concurrently): DenseNet-BC-100's step was no faster than with XLA's convolutions. So each
@@ -32,6 +38,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -45,6 +52,8 @@ namespace {
 using densenet_jax::Checks;
 using densenet_jax::Dims;
 using densenet_jax::DimsString;
+using densenet_jax::ElementAt;
+using densenet_jax::ElementAt;
 using densenet_jax::ForEachPart;
 using densenet_jax::Guard;
 
@@ -52,27 +61,34 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 using Dt = memory::data_type;
 
-// (batch, input height, input width, in, out, kernel size, stride, padding on every side).
+// (batch, input height, input width, in, out, kernel size, stride, padding on every side,
+// the activations' and kernel's element type).
 using Shape =
-    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, Dt>;
 
 dnnl::engine& Engine() {
   static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
   return *engine;
 }
 
+// The kernel gradient's element type: float32 for every activation type (see the top).
+constexpr Dt kGradientType = Dt::f32;
+
 struct Descs {
   memory::desc src, dst, user_weights, any_weights;
+  memory::desc user_diff_weights, any_diff_weights;
   memory::dims strides, padding;
 };
 
 Descs MakeDescs(const Shape& s) {
-  auto [n, h, w, cin, cout, k, stride, pad] = s;
+  auto [n, h, w, cin, cout, k, stride, pad, dt] = s;
   int64_t out_h = (h + 2 * pad - k) / stride + 1, out_w = (w + 2 * pad - k) / stride + 1;
-  return Descs{memory::desc({n, cin, h, w}, Dt::f32, Tag::nhwc),
-               memory::desc({n, cout, out_h, out_w}, Dt::f32, Tag::nhwc),
-               memory::desc({cout, cin, k, k}, Dt::f32, Tag::hwio),
-               memory::desc({cout, cin, k, k}, Dt::f32, Tag::any),
+  return Descs{memory::desc({n, cin, h, w}, dt, Tag::nhwc),
+               memory::desc({n, cout, out_h, out_w}, dt, Tag::nhwc),
+               memory::desc({cout, cin, k, k}, dt, Tag::hwio),
+               memory::desc({cout, cin, k, k}, dt, Tag::any),
+               memory::desc({cout, cin, k, k}, kGradientType, Tag::hwio),
+               memory::desc({cout, cin, k, k}, kGradientType, Tag::any),
                {stride, stride},
                {pad, pad}};
 }
@@ -102,9 +118,10 @@ dnnl::convolution_forward::primitive_desc ForwardPd(const Shape& s, bool accumul
 // kernel and the primitive's kernel layout (absent when they are the same).
 struct Op {
   dnnl::primitive primitive;
-  memory::desc weights;  // the primitive's kernel layout
+  memory::desc weights;  // the primitive's kernel (or kernel gradient) layout
   memory::desc scratchpad;
   std::unique_ptr<dnnl::reorder> weights_reorder;
+  std::string implementation;  // oneDNN's name for the kernel it chose ("brg:avx512_core", ...)
 };
 
 enum class Kind { kForward, kForwardAccumulate, kBackwardData, kBackwardWeights };
@@ -121,6 +138,7 @@ std::unique_ptr<Op> BuildOp(Kind kind, const Shape& s) {
       op->primitive = dnnl::convolution_forward(pd);
       op->weights = pd.weights_desc();
       op->scratchpad = pd.scratchpad_desc();
+      op->implementation = pd.impl_info_str();
       break;
     }
     case Kind::kBackwardData: {
@@ -130,25 +148,26 @@ std::unique_ptr<Op> BuildOp(Kind kind, const Shape& s) {
       op->primitive = dnnl::convolution_backward_data(pd);
       op->weights = pd.weights_desc();
       op->scratchpad = pd.scratchpad_desc();
+      op->implementation = pd.impl_info_str();
       break;
     }
     case Kind::kBackwardWeights: {
       dnnl::convolution_backward_weights::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, d.src, d.any_weights, d.dst, d.strides,
-          d.padding, d.padding, fwd, UserScratchpad());
+          Engine(), dnnl::algorithm::convolution_direct, d.src, d.any_diff_weights, d.dst,
+          d.strides, d.padding, d.padding, fwd, UserScratchpad());
       op->primitive = dnnl::convolution_backward_weights(pd);
       op->weights = pd.diff_weights_desc();
       op->scratchpad = pd.scratchpad_desc();
+      op->implementation = pd.impl_info_str();
       to_primitive = false;  // the gradient is reordered back into HWIO
       break;
     }
   }
-  if (op->weights != d.user_weights) {
+  const memory::desc& user = to_primitive ? d.user_weights : d.user_diff_weights;
+  if (op->weights != user) {
     dnnl::reorder::primitive_desc rpd =
-        to_primitive ? dnnl::reorder::primitive_desc(Engine(), d.user_weights, Engine(),
-                                                     op->weights)
-                     : dnnl::reorder::primitive_desc(Engine(), op->weights, Engine(),
-                                                     d.user_weights);
+        to_primitive ? dnnl::reorder::primitive_desc(Engine(), user, Engine(), op->weights)
+                     : dnnl::reorder::primitive_desc(Engine(), op->weights, Engine(), user);
     op->weights_reorder = std::make_unique<dnnl::reorder>(rpd);
   }
   return op;
@@ -180,7 +199,8 @@ void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
   Descs d = MakeDescs(s);
   dnnl::stream stream(Engine());
   Scratch scratch_pad, scratch_weights;
-  memory user_weights(d.user_weights, Engine(), weights);
+  memory user_weights(kind == Kind::kBackwardWeights ? d.user_diff_weights : d.user_weights,
+                      Engine(), weights);
   memory op_weights = op.weights_reorder ? scratch_weights.Make(op.weights) : user_weights;
   if (op.weights_reorder && kind != Kind::kBackwardWeights) {
     op.weights_reorder->execute(stream, user_weights, op_weights);
@@ -208,14 +228,31 @@ void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
   stream.wait();
 }
 
-// `src`: the convolution's input (or input gradient) dimensions.
+// oneDNN's name for an element type the checks have let through (f32 or bf16).
+Dt OnednnType(ffi::DataType type) { return type == ffi::DataType::BF16 ? Dt::bf16 : Dt::f32; }
+
+// `src`: the convolution's input (or input gradient) dimensions; `type`: the activations'.
 Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> kernel, int64_t batch,
-              int64_t stride, int64_t padding) {
-  return Shape(batch, src[1], src[2], kernel[2], kernel[3], kernel[0], stride, padding);
+              int64_t stride, int64_t padding, ffi::DataType type) {
+  return Shape(batch, src[1], src[2], kernel[2], kernel[3], kernel[0], stride, padding,
+               OnednnType(type));
 }
 
-// Floats per image of an NHWC array.
+// Elements per image of an NHWC array.
 int64_t ImageSize(ffi::Span<const int64_t> dims) { return dims[1] * dims[2] * dims[3]; }
+
+// The activation types the handlers take; the kernel and the other activations must match.
+constexpr std::initializer_list<ffi::DataType> kActivationTypes = {ffi::DataType::F32,
+                                                                    ffi::DataType::BF16};
+
+// Checks element types first, so that the sizes computed from them are right: `first` is one
+// of the activation types, and every buffer of `same` has its type.
+bool CheckTypes(Checks& c, const std::string& first_name, ffi::DataType first,
+                std::initializer_list<std::pair<std::string, ffi::DataType>> same) {
+  if (!c.Type(first_name, first, kActivationTypes)) return false;
+  for (const auto& [name, type] : same) c.Type(name, type, {first}, first_name + "'s");
+  return c.ok();
+}
 
 struct Named {
   std::string name;
@@ -250,28 +287,35 @@ int64_t CheckConv(Checks& c, const Named& src, const Named& kernel, const Named&
   return pad;
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t stride, int64_t padding) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer kernel,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t padding) {
   Checks c("densenet_onednn_conv_forward");
+  if (!CheckTypes(c, "x", x.element_type(),
+                  {{"kernel", kernel.element_type()}, {"y", y->element_type()}})) {
+    return c.Result();
+  }
   CheckConv(c, {"x", x.dimensions()}, {"kernel", kernel.dimensions()}, {"y", y->dimensions()},
             stride, padding);
   if (!c.ok()) return c.Result();
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
-      Run(Kind::kForward, ShapeOf(x.dimensions(), kernel.dimensions(), count, stride, padding),
-          x.typed_data() + first * x_size, kernel.untyped_data(),
-          y->typed_data() + first * y_size);
+      Run(Kind::kForward,
+          ShapeOf(x.dimensions(), kernel.dimensions(), count, stride, padding, x.element_type()),
+          ElementAt(x, first * x_size), kernel.untyped_data(), ElementAt(*y, first * y_size));
     });
   });
 }
 
 // y = acc + convolution(x, kernel); y is aliased to acc (input_output_aliases in onednn.py).
-ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                 ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> acc,
-                                 ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer kernel,
+                                 ffi::AnyBuffer acc, ffi::Result<ffi::AnyBuffer> y) {
   Checks c("densenet_onednn_conv_forward_accumulate");
+  if (!CheckTypes(c, "x", x.element_type(),
+                  {{"kernel", kernel.element_type()}, {"acc", acc.element_type()},
+                   {"y", y->element_type()}})) {
+    return c.Result();
+  }
   int64_t padding = CheckConv(c, {"x", x.dimensions()}, {"kernel", kernel.dimensions()},
                               {"acc", acc.dimensions()}, 1, std::nullopt);
   // y is acc's buffer, or (where XLA could not alias them) a copy of acc made here.
@@ -279,23 +323,26 @@ ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           std::vector<int64_t>(acc.dimensions().begin(), acc.dimensions().end()));
   if (!c.ok()) return c.Result();
   if (acc.untyped_data() != y->untyped_data()) {
-    std::copy_n(acc.typed_data(), acc.element_count(), y->typed_data());
+    std::copy_n(static_cast<const char*>(acc.untyped_data()), acc.size_bytes(),
+                static_cast<char*>(y->untyped_data()));
   }
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
       Run(Kind::kForwardAccumulate,
-          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, padding),
-          x.typed_data() + first * x_size, kernel.untyped_data(),
-          y->typed_data() + first * y_size);
+          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, padding, x.element_type()),
+          ElementAt(x, first * x_size), kernel.untyped_data(), ElementAt(*y, first * y_size));
     });
   });
 }
 
-ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
-                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
-                            int64_t stride, int64_t padding) {
+ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer kernel,
+                            ffi::Result<ffi::AnyBuffer> dx, int64_t stride, int64_t padding) {
   Checks c("densenet_onednn_conv_backward_data");
+  if (!CheckTypes(c, "g", g.element_type(),
+                  {{"kernel", kernel.element_type()}, {"dx", dx->element_type()}})) {
+    return c.Result();
+  }
   CheckConv(c, {"dx", dx->dimensions()}, {"kernel", kernel.dimensions()}, {"g", g.dimensions()},
             stride, padding);
   if (!c.ok()) return c.Result();
@@ -303,17 +350,19 @@ ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   return Guard([&] {
     ForEachPart(pool, g.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
       Run(Kind::kBackwardData,
-          ShapeOf(dx->dimensions(), kernel.dimensions(), count, stride, padding),
-          dx->typed_data() + first * dx_size, kernel.untyped_data(),
-          g.typed_data() + first * g_size);
+          ShapeOf(dx->dimensions(), kernel.dimensions(), count, stride, padding,
+                  g.element_type()),
+          ElementAt(*dx, first * dx_size), kernel.untyped_data(), ElementAt(g, first * g_size));
     });
   });
 }
 
-ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dkernel,
-                               int64_t stride, int64_t padding) {
+ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                               ffi::Result<ffi::AnyBuffer> dkernel, int64_t stride,
+                               int64_t padding) {
   Checks c("densenet_onednn_conv_backward_weights");
+  if (!CheckTypes(c, "x", x.element_type(), {{"g", g.element_type()}})) return c.Result();
+  c.Type("dkernel", dkernel->element_type(), {ffi::DataType::F32}, "for every x");
   CheckConv(c, {"x", x.dimensions()}, {"dkernel", dkernel->dimensions()}, {"g", g.dimensions()},
             stride, padding);
   if (!c.ok()) return c.Result();
@@ -324,44 +373,69 @@ ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<std::vector<float>> partial(std::max<int64_t>(1, x.dimensions()[0]));
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t i, int64_t first, int64_t count) {
-      float* out = dkernel->typed_data();
+      float* out = static_cast<float*>(dkernel->untyped_data());
       if (i > 0) {
         partial[i].resize(k_size);
         out = partial[i].data();
       }
       Run(Kind::kBackwardWeights,
-          ShapeOf(x.dimensions(), dkernel->dimensions(), count, stride, padding),
-          x.typed_data() + first * x_size, out, g.typed_data() + first * g_size);
+          ShapeOf(x.dimensions(), dkernel->dimensions(), count, stride, padding,
+                  x.element_type()),
+          ElementAt(x, first * x_size), out, ElementAt(g, first * g_size));
     });
-    float* out = dkernel->typed_data();
+    float* out = static_cast<float*>(dkernel->untyped_data());
     for (size_t i = 1; i < partial.size(); ++i) {
       for (int64_t e = 0; e < static_cast<int64_t>(partial[i].size()); ++e) out[e] += partial[i][e];
     }
   });
 }
 
-// The convolutions' handlers: two float32 arrays in, one out, the stride and the padding.
+// The convolutions' handlers: two arrays in, one out (element types checked by the handler),
+// the stride and the padding.
 auto ConvBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
       .Attr<int64_t>("stride")
       .Attr<int64_t>("padding");
 }
 
+// Whether this CPU has bfloat16 instructions and oneDNN builds its own (not its reference)
+// kernels for a bfloat16 convolution's three operations. Without the instructions oneDNN
+// emulates bfloat16 on AVX-512, slower than its float32 kernels.
+bool Bfloat16Kernels() {
+  unsigned isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  auto has = [isa](dnnl::cpu_isa feature) {
+    unsigned bits = static_cast<unsigned>(feature);
+    return (isa & bits) == bits;
+  };
+  if (!(has(dnnl::cpu_isa::avx512_core_bf16) || has(dnnl::cpu_isa::avx2_vnni_2))) return false;
+  try {
+    for (Kind kind : {Kind::kForward, Kind::kBackwardData, Kind::kBackwardWeights}) {
+      Shape s(2, 8, 8, 32, 32, 3, 1, 1, Dt::bf16);
+      if (GetOp(kind, s).implementation.rfind("ref", 0) == 0) return false;
+    }
+  } catch (const dnnl::error&) {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
+
+extern "C" int DensenetOnednnBfloat16Kernels() { return Bfloat16Kernels() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForwardAccumulate, ForwardAccumulateImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardData, BackwardDataImpl, ConvBinding());
 
