@@ -67,6 +67,76 @@ def test_values_and_gradients_equal_xla(use_onednn, batch, height, width, cin, c
   assert 'forward' in _custom_calls(lambda x, k: ops.conv(x, k, stride, padding), x, kernel)
 
 
+@pytest.fixture
+def use_bfloat16(use_onednn):
+  if jnp.dtype(jnp.bfloat16) not in onednn.dtypes():
+    pytest.skip('this CPU has no bfloat16 instructions: bfloat16 convolutions stay XLA\'s')
+
+
+# bfloat16 keeps 8 significant bits: one rounding of a result is within 2**-8 of it.
+_BF16_RTOL = 2.0**-7
+
+
+def _close_to_bfloat16_rounding(ours, theirs, scale=None):
+  """ours and theirs differ by at most a couple of bfloat16 roundings of values of theirs's
+  size (sums of products of bfloat16 numbers, each rounded once at the end)."""
+  ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+  scale = float(np.max(np.abs(theirs))) if scale is None else scale
+  np.testing.assert_allclose(ours, theirs, rtol=_BF16_RTOL, atol=_BF16_RTOL * scale)
+
+
+@pytest.mark.parametrize('batch,height,width,cin,cout,size,stride,padding', [
+    (1, 5, 7, 4, 3, 3, 1, 1), (3, 6, 5, 8, 5, 3, 1, 1), (4, 9, 9, 16, 8, 1, 1, 0),
+    (3, 15, 13, 3, 4, 7, 2, 3), (2, 12, 12, 64, 32, 3, 1, 1)])
+def test_bfloat16_values_and_gradients_equal_xla(use_bfloat16, batch, height, width, cin, cout,
+                                                 size, stride, padding):
+  """bfloat16 activations and kernels: the output and input gradient in bfloat16 agree with
+  XLA's bfloat16 convolutions to bfloat16 rounding, and the kernel gradient comes back in
+  float32, equal to float32 sums over the same bfloat16 values (not rounded to bfloat16)."""
+  rng = np.random.default_rng(batch + cin)
+  x = jnp.asarray(rng.standard_normal((batch, height, width, cin)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((size, size, cin, cout)), jnp.bfloat16)
+  y_xla, pullback_xla = jax.vjp(lambda x, k: _conv(x, k, stride, padding), x, kernel)
+  g = jnp.asarray(rng.standard_normal(y_xla.shape), jnp.bfloat16)
+  dx_xla, dk_xla = pullback_xla(g)
+  # The same bfloat16 values, every product and sum in float32.
+  wide = lambda v: v.astype(jnp.float32)
+  y_f32, pullback_f32 = jax.vjp(lambda x, k: _conv(x, k, stride, padding), wide(x),
+                                wide(kernel))
+  dx_f32, dk_f32 = pullback_f32(wide(g))
+
+  y = jax.jit(onednn.conv_forward, static_argnums=(2, 3))(x, kernel, stride, padding)
+  dx = jax.jit(onednn.conv_backward_data, static_argnums=(2, 3, 4))(
+      g, kernel, x.shape, stride, padding)
+  dk = jax.jit(onednn.conv_backward_weights, static_argnums=(2, 3, 4))(
+      x, g, kernel.shape, stride, padding)
+  assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  for ours, xla, exact in ((y, y_xla, y_f32), (dx, dx_xla, dx_f32)):
+    _close_to_bfloat16_rounding(ours, xla)
+    _close_to_bfloat16_rounding(ours, exact)
+  _close_to_bfloat16_rounding(dk, dk_xla)
+  np.testing.assert_allclose(dk, dk_f32, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(dk_f32))))
+
+  # ops.conv with a float32 kernel, as the models pass their parameters: computed in bfloat16,
+  # through oneDNN, and the kernel's gradient float32 from oneDNN's float32 sums.
+  kernel32 = wide(kernel)
+  conv = lambda x, k: ops.conv(x, k, stride, padding)
+
+  def value_and_gradients(x, k):
+    y, pullback = jax.vjp(conv, x, k)
+    return y, pullback(g)
+
+  assert _custom_calls(value_and_gradients, x, kernel32) == [
+      'backward_data', 'backward_weights', 'forward']
+  y2, pullback2 = jax.vjp(conv, x, kernel32)
+  dx2, dk2 = pullback2(g)
+  assert (y2.dtype, dx2.dtype, dk2.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  np.testing.assert_array_equal(y2, y)
+  np.testing.assert_array_equal(dx2, dx)
+  np.testing.assert_allclose(dk2, dk_f32, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(dk_f32))))
+
+
 def _custom_calls(f, *args):
   text = jax.jit(f).lower(*args).as_text()
   return sorted(set(t for t in ('forward', 'backward_data', 'backward_weights')
@@ -97,10 +167,29 @@ def test_ops_take_the_onednn_path_in_a_scan(use_onednn):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
-def test_bfloat16_stays_with_xla(use_onednn):
-  x = jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.bfloat16)
-  kernel = jax.ShapeDtypeStruct((3, 3, 3, 2), jnp.bfloat16)
-  assert _custom_calls(ops.conv_same, x, kernel) == []
+def test_element_types_are_dispatched_where_declared(use_onednn, monkeypatch):
+  """float32 always takes oneDNN, bfloat16 exactly where `onednn.dtypes` says the CPU runs it
+  natively (else XLA's convolutions), float16 and mixed types never."""
+  def calls(x_dtype, kernel_dtype=None):
+    x = jax.ShapeDtypeStruct((2, 4, 4, 3), x_dtype)
+    kernel = jax.ShapeDtypeStruct((3, 3, 3, 2), kernel_dtype or x_dtype)
+    return _custom_calls(ops.conv_same, x, kernel)
+
+  assert calls(jnp.float32) == ['forward']
+  assert calls(jnp.float16) == []
+  assert calls(jnp.bfloat16, jnp.float32) == (
+      ['forward'] if jnp.dtype(jnp.bfloat16) in onednn.dtypes() else [])
+  assert not onednn.usable(jnp.zeros(2, jnp.bfloat16), jnp.zeros(2, jnp.float32))
+  # A CPU without bfloat16 instructions (as the library would report it).
+  monkeypatch.setitem(onednn._state, 'bfloat16', False)
+  jax.clear_caches()
+  try:
+    assert onednn.dtypes() == {jnp.dtype(jnp.float32)}
+    assert calls(jnp.bfloat16) == []
+    assert calls(jnp.float32) == ['forward']
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
 
 
 def test_missing_onednn_is_named_and_falls_back(monkeypatch, tmp_path):
@@ -189,18 +278,25 @@ def _bottleneck_reference(x, a, b, kernels, width, offset):
 
 
 # Rows (3 * 5 * 7) split unevenly over the thread pool; widths from one channel to the whole
-# buffer, kernels starting inside the flat array or at its start.
-@pytest.mark.parametrize('width,offset', [(24, 10), (40, 60), (1, 0)])
-def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offset):
+# buffer, kernels starting inside the flat array or at its start; a float32 and a bfloat16
+# buffer (read as float32: the same values, so the same float32 tolerance).
+@pytest.mark.parametrize('width,offset,dtype', [
+    (24, 10, jnp.float32), (40, 60, jnp.float32), (1, 0, jnp.float32),
+    (24, 10, jnp.bfloat16), (40, 60, jnp.bfloat16)])
+def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offset, dtype):
   """bottleneck.cc: a scanned layer's BN-ReLU-Conv1x1 on the first `width` channels of its
   buffer, with traced width and offset, and its gradients, added in place to the ones given."""
   rng = np.random.default_rng(width)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   x, a, b, kernels = normal(3, 5, 7, 40), normal(40), normal(40), normal(1, 1, 100, 16)
+  x = x.astype(dtype)
+  assert onednn.bottleneck_usable(x)
   forward = jax.jit(onednn.bottleneck_forward)
   y = forward(x, a, b, kernels, width, offset)
+  assert y.dtype == jnp.float32
   y_ref, pullback = jax.vjp(
-      lambda x, a, b, k: _bottleneck_reference(x, a, b, k, width, offset), x, a, b, kernels)
+      lambda x, a, b, k: _bottleneck_reference(x, a, b, k, width, offset),
+      x.astype(jnp.float32), a, b, kernels)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   dy, dx0, dk0 = normal(*y.shape), normal(*x.shape), normal(*kernels.shape)
   dx, dk, da, db = jax.jit(onednn.bottleneck_backward)(x, a, b, kernels, width, offset, dy,
@@ -216,12 +312,15 @@ def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offs
   np.testing.assert_array_equal(da[width:], 0)
 
 
-def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn):
-  """A scanned DenseNet-BC's train step runs each layer's first BN-ReLU-Conv1x1 through
-  bottleneck.cc (forward and backward), and without oneDNN through XLA's chunks; the models'
-  equality tests (tests/test_models.py) check its values against the unrolled layers'."""
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn, dtype):
+  """A scanned DenseNet-BC's train step (float32 or bfloat16) runs each layer's first
+  BN-ReLU-Conv1x1 through bottleneck.cc (forward and backward) and its other convolutions
+  through oneDNN where `onednn.dtypes` has the dtype, and without oneDNN through XLA's chunks;
+  the models' equality tests (tests/test_models.py) check its values against the unrolled
+  layers'."""
   from densenet_jax.models import create_model   # pylint: disable=g-import-not-at-top
-  model = create_model('densenet_bc', depth=16, growth_rate=4, num_classes=3)
+  model = create_model('densenet_bc', depth=16, growth_rate=4, num_classes=3, dtype=dtype)
   x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
 
@@ -229,15 +328,19 @@ def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn):
     def loss(params, batch_stats, x):
       logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
-      return jnp.sum(logits)
+      return jnp.sum(logits.astype(jnp.float32))
     return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
                                          x).as_text()
 
   program = text()
   assert 'densenet_onednn_bottleneck_forward' in program
   assert 'densenet_onednn_bottleneck_backward' in program
+  convolutions = ('densenet_onednn_conv_forward', 'densenet_onednn_conv_backward_data',
+                  'densenet_onednn_conv_backward_weights')
+  native = jnp.dtype(dtype) in onednn.dtypes()
+  assert all((name in program) == native for name in convolutions)
   onednn.set_enabled(False)
-  assert 'densenet_onednn_bottleneck' not in text()
+  assert 'densenet_onednn' not in text()
 
 
 # Every FFI target, called directly with operands, results or attributes that do not fit:
@@ -307,6 +410,37 @@ _BAD_CALLS = [
     ('bottleneck_backward', dict(dkernels=(1, 1, 19, 4)), r'dkernels shape \(got \[1, 1, 19'),
     ('bottleneck_backward', dict(da=(7,)), r'da shape \(got \[7\], expected \[8\]\)'),
     ('bottleneck_backward', dict(db=(8, 1)), r'db shape \(got \[8, 1\], expected \[8\]\)'),
+    # Element types (NAME_dtype): checked before any size is computed from them.
+    ('conv_forward', dict(x_dtype='int32', kernel_dtype='int32', y_dtype='int32'),
+     r'x element type \(got s32, expected f32 or bf16\)'),
+    ('conv_forward', dict(x_dtype='float16', kernel_dtype='float16', y_dtype='float16'),
+     r'x element type \(got f16, expected f32 or bf16\)'),
+    ('conv_forward', dict(kernel_dtype='bfloat16'),
+     r"kernel element type \(got bf16, expected f32, x's\)"),
+    ('conv_forward', dict(x_dtype='bfloat16', kernel_dtype='bfloat16'),
+     r"y element type \(got f32, expected bf16, x's\)"),
+    ('conv_forward', dict(x_dtype='bfloat16', kernel_dtype='bfloat16', y_dtype='bfloat16',
+                          y=(2, 5, 5, 4)), r'y shape \(got \[2, 5, 5, 4\], expected \[2, 4, 4, 4'),
+    ('conv_forward_accumulate', dict(x_dtype='bfloat16', kernel_dtype='bfloat16',
+                                     y_dtype='bfloat16'),
+     r"acc element type \(got f32, expected bf16, x's\)"),
+    ('conv_backward_data', dict(g_dtype='bfloat16', kernel_dtype='bfloat16'),
+     r"dx element type \(got f32, expected bf16, g's\)"),
+    ('conv_backward_data', dict(g_dtype='bfloat16', kernel_dtype='bfloat16', dx_dtype='bfloat16',
+                                dx=(2, 4, 4, 5)), r'kernel input channels \(got 3, expected 5'),
+    ('conv_backward_weights', dict(x_dtype='bfloat16'),
+     r"g element type \(got f32, expected bf16, x's\)"),
+    ('conv_backward_weights', dict(x_dtype='bfloat16', g_dtype='bfloat16',
+                                   dkernel_dtype='bfloat16'),
+     r'dkernel element type \(got bf16, expected f32, for every x\)'),
+    ('conv_backward_weights', dict(x_dtype='bfloat16', g_dtype='bfloat16', g=(3, 4, 4, 4)),
+     r'g shape \(got \[3, 4, 4, 4\], expected \[2'),
+    ('bottleneck_forward', dict(x_dtype='float16'),
+     r'x element type \(got f16, expected f32 or bf16\)'),
+    ('bottleneck_forward', dict(x_dtype='bfloat16', offset=15),
+     r'offset \+ width \(got 23, expected \[1, 20\]\)'),
+    ('bottleneck_backward', dict(x_dtype='bfloat16', dx_in=(2, 4, 4, 7)),
+     r'dx_in shape \(got \[2, 4, 4, 7\]'),
 ]
 
 
@@ -325,14 +459,16 @@ def test_bad_operands_are_errors_not_crashes(use_onednn, target, change, message
   operands, results, attributes = (names.split() for names in _SIGNATURES[target])
   values = {**(_BOTTLENECK if target.startswith('bottleneck') else _CONV), **change}
 
+  def dtype(name):
+    return jnp.int32 if name in ('width', 'offset') else values.get(f'{name}_dtype', 'float32')
+
   def operand(name):
     if name in ('width', 'offset') and isinstance(values[name], int):
       return jnp.int32(values[name])
-    dtype = jnp.int32 if name in ('width', 'offset') else jnp.float32
-    return jnp.zeros(values[name], dtype)
+    return jnp.zeros(values[name], dtype(name))
 
   call = jax.ffi.ffi_call(f'densenet_onednn_{target}',
-                          [jax.ShapeDtypeStruct(values[name], jnp.float32) for name in results])
+                          [jax.ShapeDtypeStruct(values[name], dtype(name)) for name in results])
   with pytest.raises(jax.errors.JaxRuntimeError, match=f'densenet_onednn_{target}: {message}'):
     jax.block_until_ready(call(*map(operand, operands),
                                **{name: np.int64(values[name]) for name in attributes}))
