@@ -1,11 +1,8 @@
 """Array operations shared by the standard, memory-efficient and scanned layers.
 
-The convolutions (`pointwise`, `pointwise_accumulate`, `conv_same`, `conv`) compute in the
-element type of their input x and take the kernel in any float type, cast to x's for the
-product; the kernel's gradient comes back in the kernel's own type. A bfloat16 model passes its
-float32 parameters uncast, so that its kernel gradients are float32 wherever the convolution
-can produce them so (oneDNN sums them in float32; densenet_jax/native/onednn.py) instead of
-being rounded to bfloat16 and widened again.
+The convolutions compute in their input's element type and cast the kernel to it; the kernel's
+gradient comes back in the kernel's own type. A bfloat16 model passes its float32 kernels
+uncast, so that their gradients are float32 where oneDNN sums them so (native/onednn.py).
 """
 
 import functools
@@ -292,8 +289,8 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 
 
 def _conv_xla(x, kernel, stride, padding):
-  return lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride), ((padding, padding),) * 2,
-                                  dimension_numbers=_NHWC)
+  return lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride),
+                                  ((padding, padding),) * 2, dimension_numbers=_NHWC)
 
 
 def _onednn_kernel(kernel):

@@ -16,10 +16,10 @@ bfloat16 more slowly than XLA's convolutions run it, so bfloat16 convolutions st
 bfloat16 convolution's kernel gradient is float32, accumulated so by oneDNN. The fused call
 reads a float32 or bfloat16 buffer and computes in float32 on any CPU.
 
-The library (both files, with `parts.h`) is compiled on first use with the C++ compiler
-(`$CXX`, else `g++`) against the oneDNN headers and library that `pip install onednn-cpu-gomp
-onednn-devel-cpu-gomp` puts under `sys.prefix` (or under `$DENSENET_JAX_ONEDNN_ROOT`), and
-cached under `$DENSENET_JAX_CACHE` (default `~/.cache/densenet_jax`), keyed by the sources, the
+The library (both files, with `parts.h` and `conv_primitives.h`) is compiled on first use with
+the C++ compiler (`$CXX`, else `g++`) against the oneDNN headers and library that `pip install
+onednn-cpu-gomp onednn-devel-cpu-gomp` puts under `sys.prefix` (or under
+`$DENSENET_JAX_ONEDNN_ROOT`), and cached under `$DENSENET_JAX_CACHE` (default `~/.cache/densenet_jax`), keyed by the sources, the
 compiler and its version, the flags, jaxlib's version and the oneDNN found (path and version).
 A cached library that another user owns, or that others may write, is never loaded; where the
 cache directory cannot be written or holds such a file, the library is built in a private
@@ -46,7 +46,7 @@ import numpy as np
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = [_HERE / 'onednn_conv.cc', _HERE / 'bottleneck.cc']
-_HEADERS = [_HERE / 'parts.h']
+_HEADERS = [_HERE / 'parts.h', _HERE / 'conv_primitives.h']
 _TARGETS = {
     'conv_forward': 'DensenetOnednnConvForward',
     'conv_forward_accumulate': 'DensenetOnednnConvForwardAccumulate',
