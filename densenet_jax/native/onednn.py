@@ -9,12 +9,12 @@ padding) for NHWC activations and HWIO kernels, the layouts our models already u
 `bottleneck.cc` fuses a scanned dense layer's first BatchNorm-ReLU into its 1x1 convolution
 over exactly the channels the layer reads (see there and densenet_jax/models/scanned_layer.py).
 
-Element types, declared here and nowhere else (`dtypes`, `bottleneck_dtypes`): the
+Element types, declared here and nowhere else (`dtypes`, `bottleneck_usable`): the
 convolutions take float32, and bfloat16 where the CPU has bfloat16 instructions (AVX512_BF16,
 AMX or AVX2-VNNI-2) and oneDNN builds its own kernels for them; elsewhere oneDNN would emulate
-bfloat16 more slowly than XLA's convolutions run it, so bfloat16 convolutions stay XLA's. A
-bfloat16 convolution's kernel gradient is float32, accumulated so by oneDNN. The fused call
-reads a float32 or bfloat16 buffer and computes in float32 on any CPU.
+bfloat16 (not measured), and bfloat16 convolutions stay XLA's. A bfloat16 convolution's kernel
+gradient is float32, accumulated so by oneDNN. The fused call reads a float32 or bfloat16
+buffer and computes in float32 on any CPU.
 
 The library (both files, with `parts.h` and `conv_primitives.h`) is compiled on first use with
 the C++ compiler (`$CXX`, else `g++`) against the oneDNN headers and library that `pip install
