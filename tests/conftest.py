@@ -15,8 +15,23 @@ except ImportError:  # Only the converter tests use them; they skip without.
   pass
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from densenet_jax.native import onednn  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+@pytest.fixture
+def use_onednn():
+  """oneDNN's convolutions on for the test (skipped where the library cannot be built)."""
+  # pylint: disable=protected-access
+  previous = onednn._state['enabled']
+  onednn.set_enabled(True)
+  if not onednn.available():
+    pytest.skip(f'oneDNN unavailable: {onednn._state["reason"]}')
+  yield
+  onednn.set_enabled(previous)
 
 # The longest files first: `pytest -n 2 --dist loadfile` deals whole files to the two workers in
 # collection order, and a long file dealt last leaves one worker running it alone at the end.

@@ -1,4 +1,8 @@
-"""oneDNN convolutions on the CPU (densenet_jax/native): built, used, and equal to XLA's."""
+"""oneDNN convolutions on the CPU (densenet_jax/native): built, used, and equal to XLA's.
+
+The `use_onednn` fixture is conftest.py's; the handlers' operand checks are tested in
+test_onednn_operands.py.
+"""
 
 import platform
 import sys
@@ -14,16 +18,6 @@ from densenet_jax.native import onednn
 
 # requirements.txt installs oneDNN on x86-64 Linux; there it must be in use, not silently off.
 _EXPECTED = sys.platform == 'linux' and platform.machine() == 'x86_64'
-
-
-@pytest.fixture
-def use_onednn():
-  previous = onednn._state['enabled']
-  onednn.set_enabled(True)
-  if not onednn.available():
-    pytest.skip(f'oneDNN unavailable: {onednn._state["reason"]}')
-  yield
-  onednn.set_enabled(previous)
 
 
 @pytest.mark.skipif(not _EXPECTED, reason='oneDNN is installed on x86-64 Linux only')
@@ -67,6 +61,76 @@ def test_values_and_gradients_equal_xla(use_onednn, batch, height, width, cin, c
   assert 'forward' in _custom_calls(lambda x, k: ops.conv(x, k, stride, padding), x, kernel)
 
 
+@pytest.fixture
+def use_bfloat16(use_onednn):
+  if jnp.dtype(jnp.bfloat16) not in onednn.dtypes():
+    pytest.skip('this CPU has no bfloat16 instructions: bfloat16 convolutions stay XLA\'s')
+
+
+# bfloat16 keeps 8 significant bits: one rounding of a result is within 2**-8 of it.
+_BF16_RTOL = 2.0**-7
+
+
+def _close_to_bfloat16_rounding(ours, theirs, scale=None):
+  """ours and theirs differ by at most a couple of bfloat16 roundings of values of theirs's
+  size (sums of products of bfloat16 numbers, each rounded once at the end)."""
+  ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+  scale = float(np.max(np.abs(theirs))) if scale is None else scale
+  np.testing.assert_allclose(ours, theirs, rtol=_BF16_RTOL, atol=_BF16_RTOL * scale)
+
+
+@pytest.mark.parametrize('batch,height,width,cin,cout,size,stride,padding', [
+    (1, 5, 7, 4, 3, 3, 1, 1), (3, 6, 5, 8, 5, 3, 1, 1), (4, 9, 9, 16, 8, 1, 1, 0),
+    (3, 15, 13, 3, 4, 7, 2, 3), (2, 12, 12, 64, 32, 3, 1, 1)])
+def test_bfloat16_values_and_gradients_equal_xla(use_bfloat16, batch, height, width, cin, cout,
+                                                 size, stride, padding):
+  """bfloat16 activations and kernels: the output and input gradient in bfloat16 agree with
+  XLA's bfloat16 convolutions to bfloat16 rounding, and the kernel gradient comes back in
+  float32, equal to float32 sums over the same bfloat16 values (not rounded to bfloat16)."""
+  rng = np.random.default_rng(batch + cin)
+  x = jnp.asarray(rng.standard_normal((batch, height, width, cin)), jnp.bfloat16)
+  kernel = jnp.asarray(rng.standard_normal((size, size, cin, cout)), jnp.bfloat16)
+  y_xla, pullback_xla = jax.vjp(lambda x, k: _conv(x, k, stride, padding), x, kernel)
+  g = jnp.asarray(rng.standard_normal(y_xla.shape), jnp.bfloat16)
+  dx_xla, dk_xla = pullback_xla(g)
+  # The same bfloat16 values, every product and sum in float32.
+  wide = lambda v: v.astype(jnp.float32)
+  y_f32, pullback_f32 = jax.vjp(lambda x, k: _conv(x, k, stride, padding), wide(x),
+                                wide(kernel))
+  dx_f32, dk_f32 = pullback_f32(wide(g))
+
+  y = jax.jit(onednn.conv_forward, static_argnums=(2, 3))(x, kernel, stride, padding)
+  dx = jax.jit(onednn.conv_backward_data, static_argnums=(2, 3, 4))(
+      g, kernel, x.shape, stride, padding)
+  dk = jax.jit(onednn.conv_backward_weights, static_argnums=(2, 3, 4))(
+      x, g, kernel.shape, stride, padding)
+  assert (y.dtype, dx.dtype, dk.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  for ours, xla, exact in ((y, y_xla, y_f32), (dx, dx_xla, dx_f32)):
+    _close_to_bfloat16_rounding(ours, xla)
+    _close_to_bfloat16_rounding(ours, exact)
+  _close_to_bfloat16_rounding(dk, dk_xla)
+  np.testing.assert_allclose(dk, dk_f32, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(dk_f32))))
+
+  # ops.conv with a float32 kernel, as the models pass their parameters: computed in bfloat16,
+  # through oneDNN, and the kernel's gradient float32 from oneDNN's float32 sums.
+  kernel32 = wide(kernel)
+  conv = lambda x, k: ops.conv(x, k, stride, padding)
+
+  def value_and_gradients(x, k):
+    y, pullback = jax.vjp(conv, x, k)
+    return y, pullback(g)
+
+  assert _custom_calls(value_and_gradients, x, kernel32) == [
+      'backward_data', 'backward_weights', 'forward']
+  y2, pullback2 = jax.vjp(conv, x, kernel32)
+  dx2, dk2 = pullback2(g)
+  assert (y2.dtype, dx2.dtype, dk2.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  np.testing.assert_array_equal(y2, y)
+  np.testing.assert_array_equal(dx2, dx)
+  np.testing.assert_allclose(dk2, dk_f32, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(dk_f32))))
+
+
 def _custom_calls(f, *args):
   text = jax.jit(f).lower(*args).as_text()
   return sorted(set(t for t in ('forward', 'backward_data', 'backward_weights')
@@ -97,10 +161,29 @@ def test_ops_take_the_onednn_path_in_a_scan(use_onednn):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
 
 
-def test_bfloat16_stays_with_xla(use_onednn):
-  x = jax.ShapeDtypeStruct((2, 4, 4, 3), jnp.bfloat16)
-  kernel = jax.ShapeDtypeStruct((3, 3, 3, 2), jnp.bfloat16)
-  assert _custom_calls(ops.conv_same, x, kernel) == []
+def test_element_types_are_dispatched_where_declared(use_onednn, monkeypatch):
+  """float32 always takes oneDNN, bfloat16 exactly where `onednn.dtypes` says the CPU runs it
+  natively (else XLA's convolutions), float16 and mixed types never."""
+  def calls(x_dtype, kernel_dtype=None):
+    x = jax.ShapeDtypeStruct((2, 4, 4, 3), x_dtype)
+    kernel = jax.ShapeDtypeStruct((3, 3, 3, 2), kernel_dtype or x_dtype)
+    return _custom_calls(ops.conv_same, x, kernel)
+
+  assert calls(jnp.float32) == ['forward']
+  assert calls(jnp.float16) == []
+  assert calls(jnp.bfloat16, jnp.float32) == (
+      ['forward'] if jnp.dtype(jnp.bfloat16) in onednn.dtypes() else [])
+  assert not onednn.usable(jnp.zeros(2, jnp.bfloat16), jnp.zeros(2, jnp.float32))
+  # A CPU without bfloat16 instructions (as the library would report it).
+  monkeypatch.setitem(onednn._state, 'bfloat16', False)
+  jax.clear_caches()
+  try:
+    assert onednn.dtypes() == {jnp.dtype(jnp.float32)}
+    assert calls(jnp.bfloat16) == []
+    assert calls(jnp.float32) == ['forward']
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
 
 
 def test_missing_onednn_is_named_and_falls_back(monkeypatch, tmp_path):
@@ -189,18 +272,25 @@ def _bottleneck_reference(x, a, b, kernels, width, offset):
 
 
 # Rows (3 * 5 * 7) split unevenly over the thread pool; widths from one channel to the whole
-# buffer, kernels starting inside the flat array or at its start.
-@pytest.mark.parametrize('width,offset', [(24, 10), (40, 60), (1, 0)])
-def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offset):
+# buffer, kernels starting inside the flat array or at its start; a float32 and a bfloat16
+# buffer (read as float32: the same values, so the same float32 tolerance).
+@pytest.mark.parametrize('width,offset,dtype', [
+    (24, 10, jnp.float32), (40, 60, jnp.float32), (1, 0, jnp.float32),
+    (24, 10, jnp.bfloat16), (40, 60, jnp.bfloat16)])
+def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offset, dtype):
   """bottleneck.cc: a scanned layer's BN-ReLU-Conv1x1 on the first `width` channels of its
   buffer, with traced width and offset, and its gradients, added in place to the ones given."""
   rng = np.random.default_rng(width)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   x, a, b, kernels = normal(3, 5, 7, 40), normal(40), normal(40), normal(1, 1, 100, 16)
+  x = x.astype(dtype)
+  assert onednn.bottleneck_usable(x)
   forward = jax.jit(onednn.bottleneck_forward)
   y = forward(x, a, b, kernels, width, offset)
+  assert y.dtype == jnp.float32
   y_ref, pullback = jax.vjp(
-      lambda x, a, b, k: _bottleneck_reference(x, a, b, k, width, offset), x, a, b, kernels)
+      lambda x, a, b, k: _bottleneck_reference(x, a, b, k, width, offset),
+      x.astype(jnp.float32), a, b, kernels)
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
   dy, dx0, dk0 = normal(*y.shape), normal(*x.shape), normal(*kernels.shape)
   dx, dk, da, db = jax.jit(onednn.bottleneck_backward)(x, a, b, kernels, width, offset, dy,
@@ -216,12 +306,15 @@ def test_bottleneck_values_and_gradients_equal_reference(use_onednn, width, offs
   np.testing.assert_array_equal(da[width:], 0)
 
 
-def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn):
-  """A scanned DenseNet-BC's train step runs each layer's first BN-ReLU-Conv1x1 through
-  bottleneck.cc (forward and backward), and without oneDNN through XLA's chunks; the models'
-  equality tests (tests/test_models.py) check its values against the unrolled layers'."""
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn, dtype):
+  """A scanned DenseNet-BC's train step (float32 or bfloat16) runs each layer's first
+  BN-ReLU-Conv1x1 through bottleneck.cc (forward and backward) and its other convolutions
+  through oneDNN where `onednn.dtypes` has the dtype, and without oneDNN through XLA's chunks;
+  the models' equality tests (tests/test_models.py) check its values against the unrolled
+  layers'."""
   from densenet_jax.models import create_model   # pylint: disable=g-import-not-at-top
-  model = create_model('densenet_bc', depth=16, growth_rate=4, num_classes=3)
+  model = create_model('densenet_bc', depth=16, growth_rate=4, num_classes=3, dtype=dtype)
   x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
 
@@ -229,110 +322,16 @@ def test_scanned_bottleneck_layers_take_the_fused_path(use_onednn):
     def loss(params, batch_stats, x):
       logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
                               mutable=['batch_stats'])
-      return jnp.sum(logits)
+      return jnp.sum(logits.astype(jnp.float32))
     return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
                                          x).as_text()
 
   program = text()
   assert 'densenet_onednn_bottleneck_forward' in program
   assert 'densenet_onednn_bottleneck_backward' in program
+  convolutions = ('densenet_onednn_conv_forward', 'densenet_onednn_conv_backward_data',
+                  'densenet_onednn_conv_backward_weights')
+  native = jnp.dtype(dtype) in onednn.dtypes()
+  assert all((name in program) == native for name in convolutions)
   onednn.set_enabled(False)
-  assert 'densenet_onednn_bottleneck' not in text()
-
-
-# Every FFI target, called directly with operands, results or attributes that do not fit:
-# (target, what differs from the valid call below, what the error must say after the target's
-# name). Float operands and results are given by shape; width and offset by value (a shape:
-# a non-scalar int32 array).
-_CONV = dict(x=(2, 4, 4, 3), kernel=(3, 3, 3, 4), y=(2, 4, 4, 4), acc=(2, 4, 4, 4),
-             g=(2, 4, 4, 4), dx=(2, 4, 4, 3), dkernel=(3, 3, 3, 4), stride=1, padding=1)
-_BOTTLENECK = dict(x=(2, 4, 4, 8), a=(8,), b=(8,), kernels=(1, 1, 20, 4), width=8, offset=0,
-                   y=(2, 4, 4, 4), dy=(2, 4, 4, 4), dx_in=(2, 4, 4, 8), dx=(2, 4, 4, 8),
-                   dkernels_in=(1, 1, 20, 4), dkernels=(1, 1, 20, 4), da=(8,), db=(8,))
-_SIGNATURES = {  # operands, results, attributes
-    'conv_forward': ('x kernel', 'y', 'stride padding'),
-    'conv_forward_accumulate': ('x kernel acc', 'y', ''),
-    'conv_backward_data': ('g kernel', 'dx', 'stride padding'),
-    'conv_backward_weights': ('x g', 'dkernel', 'stride padding'),
-    'bottleneck_forward': ('x a b kernels width offset', 'y', ''),
-    'bottleneck_backward': ('x a b kernels width offset dy dx_in dkernels_in',
-                            'dx dkernels da db', ''),
-}
-_BAD_CALLS = [
-    ('conv_forward', dict(x=(4, 4, 3)), r'x shape \(got \[4, 4, 3\], expected rank 4'),
-    ('conv_forward', dict(x=(2, 4, 4, 0), kernel=(3, 3, 0, 4)), r'x shape .*no empty dimension'),
-    ('conv_forward', dict(y=(2,)), r'y shape \(got \[2\], expected rank 4'),
-    ('conv_forward', dict(kernel=(2, 2, 3, 4)), r'kernel not square and odd-sized \(got \[2, 2'),
-    ('conv_forward', dict(kernel=(3, 1, 3, 4)), r'kernel not square and odd-sized'),
-    ('conv_forward', dict(stride=0), r'stride \(got 0, expected at least 1\)'),
-    ('conv_forward', dict(padding=-1), r'padding \(got -1, expected \[0, 2\]\)'),
-    ('conv_forward', dict(padding=2**62), r'padding \(got 4611686018427387904, expected'),
-    ('conv_forward', dict(kernel=(3, 3, 5, 4)), r'kernel input channels \(got 5, expected 3'),
-    ('conv_forward', dict(x=(1, 2, 2, 3), kernel=(7, 7, 3, 4), padding=0, y=(1, 1, 1, 4)),
-     r'kernel larger than the padded x \(got 7, expected at most \[2, 2\]\)'),
-    ('conv_forward', dict(y=(2, 5, 5, 4)), r'y shape \(got \[2, 5, 5, 4\], expected \[2, 4, 4, 4'),
-    ('conv_forward', dict(stride=2), r'y shape \(got \[2, 4, 4, 4\], expected \[2, 2, 2, 4\]'),
-    ('conv_forward_accumulate', dict(acc=(2, 4, 4, 5), y=(2, 4, 4, 5)),
-     r'acc shape \(got \[2, 4, 4, 5\], expected \[2, 4, 4, 4\]'),
-    ('conv_forward_accumulate', dict(y=(2, 4, 4, 3)),  # not aliased: acc is copied into y
-     r'y shape \(got \[2, 4, 4, 3\], expected \[2, 4, 4, 4\]'),
-    ('conv_forward_accumulate', dict(kernel=(2, 2, 3, 4)), r'kernel not square and odd-sized'),
-    ('conv_backward_data', dict(g=(2, 3, 3, 4)), r'g shape \(got \[2, 3, 3, 4\], expected \[2, 4'),
-    ('conv_backward_data', dict(dx=(2, 4, 4, 5)), r'kernel input channels \(got 3, expected 5'),
-    ('conv_backward_data', dict(dx=(2, 4, 4)), r'dx shape \(got \[2, 4, 4\]'),
-    ('conv_backward_data', dict(stride=-1), r'stride \(got -1'),
-    ('conv_backward_weights', dict(dkernel=(3, 3, 5, 4)), r'dkernel input channels \(got 5'),
-    ('conv_backward_weights', dict(dkernel=(3, 3, 3, 4, 1)), r'dkernel shape .*expected rank 4'),
-    ('conv_backward_weights', dict(g=(3, 4, 4, 4)), r'g shape \(got \[3, 4, 4, 4\], expected \[2'),
-    ('conv_backward_weights', dict(padding=3), r'padding \(got 3, expected \[0, 2\]\)'),
-    ('bottleneck_forward', dict(width=9), r'width \(got 9, expected \[1, 8\]\)'),
-    ('bottleneck_forward', dict(width=0), r'width \(got 0, expected \[1, 8\]\)'),
-    ('bottleneck_forward', dict(offset=-1), r'offset \(got -1, expected \[0, 19\]\)'),
-    ('bottleneck_forward', dict(offset=15), r'offset \+ width \(got 23, expected \[1, 20\]\)'),
-    # Past int32's range when added to the width: must not wrap round to a small sum.
-    ('bottleneck_forward', dict(offset=2**31 - 4), r'offset \(got 2147483644, expected'),
-    ('bottleneck_forward', dict(width=(2,)), r'width shape \(got \[2\], expected rank 0'),
-    ('bottleneck_forward', dict(offset=(0,)), r'offset shape \(got \[0\], expected rank 0'),
-    ('bottleneck_forward', dict(a=(7,)), r'a shape \(got \[7\], expected \[8\]\)'),
-    ('bottleneck_forward', dict(b=(1, 8)), r'b shape \(got \[1, 8\], expected rank 1'),
-    ('bottleneck_forward', dict(kernels=(3, 3, 20, 4)), r'kernels shape .*expected \[1, 1, 20, 4'),
-    ('bottleneck_forward', dict(y=(2, 4, 4, 4000)), r'y shape \(got \[2, 4, 4, 4000\], expected'),
-    ('bottleneck_forward', dict(y=(2, 4, 3, 4)), r'y shape \(got \[2, 4, 3, 4\]'),
-    ('bottleneck_backward', dict(offset=13), r'offset \+ width \(got 21, expected \[1, 20\]'),
-    ('bottleneck_backward', dict(dy=(2, 4, 4, 5)), r'dy shape \(got \[2, 4, 4, 5\]'),
-    # Not aliased: dx_in and dkernels_in are copied into the results.
-    ('bottleneck_backward', dict(dx_in=(2, 4, 4, 7)), r'dx_in shape \(got \[2, 4, 4, 7\]'),
-    ('bottleneck_backward', dict(dx=(2, 4, 4, 9)), r'dx shape \(got \[2, 4, 4, 9\]'),
-    ('bottleneck_backward', dict(dkernels_in=(1, 1, 21, 4)), r'dkernels_in shape \(got \[1, 1, 21'),
-    ('bottleneck_backward', dict(dkernels=(1, 1, 19, 4)), r'dkernels shape \(got \[1, 1, 19'),
-    ('bottleneck_backward', dict(da=(7,)), r'da shape \(got \[7\], expected \[8\]\)'),
-    ('bottleneck_backward', dict(db=(8, 1)), r'db shape \(got \[8, 1\], expected \[8\]\)'),
-]
-
-
-def _case_id(target, change):
-  """'conv_forward-x=4,4,3-padding=0'."""
-  def value(v):
-    return ','.join(map(str, v)) if isinstance(v, tuple) else str(v)
-  return '-'.join([target] + [f'{name}={value(v)}' for name, v in change.items()])
-
-
-@pytest.mark.parametrize('target,change,message', _BAD_CALLS,
-                         ids=[_case_id(target, change) for target, change, _ in _BAD_CALLS])
-def test_bad_operands_are_errors_not_crashes(use_onednn, target, change, message):
-  """Each handler checks every operand, result and attribute before touching memory, and fails
-  as an XLA error naming itself and the problem (not a crash, nor a read past a buffer)."""
-  operands, results, attributes = (names.split() for names in _SIGNATURES[target])
-  values = {**(_BOTTLENECK if target.startswith('bottleneck') else _CONV), **change}
-
-  def operand(name):
-    if name in ('width', 'offset') and isinstance(values[name], int):
-      return jnp.int32(values[name])
-    dtype = jnp.int32 if name in ('width', 'offset') else jnp.float32
-    return jnp.zeros(values[name], dtype)
-
-  call = jax.ffi.ffi_call(f'densenet_onednn_{target}',
-                          [jax.ShapeDtypeStruct(values[name], jnp.float32) for name in results])
-  with pytest.raises(jax.errors.JaxRuntimeError, match=f'densenet_onednn_{target}: {message}'):
-    jax.block_until_ready(call(*map(operand, operands),
-                               **{name: np.int64(values[name]) for name in attributes}))
+  assert 'densenet_onednn' not in text()

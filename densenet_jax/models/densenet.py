@@ -44,7 +44,7 @@ class Conv1x1(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features),
                         jnp.float32)
-    return ops.pointwise(x.astype(self.dtype), kernel.astype(self.dtype))
+    return ops.pointwise(x.astype(self.dtype), kernel)   # cast there; see ops
 
 
 class Conv(nn.Module):
@@ -62,7 +62,7 @@ class Conv(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param('kernel', conv_kernel_init,
                         (self.size, self.size, x.shape[-1], self.features), jnp.float32)
-    return ops.conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
+    return ops.conv(x.astype(self.dtype), kernel, self.strides, self.padding)   # as above
 
 
 class DenseLayer(nn.Module):

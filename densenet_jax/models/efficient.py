@@ -257,7 +257,7 @@ def _stem_forward(static: _Stem, images, kernel, scale, bias, mean, var):
   """7x7/2 convolution, BatchNorm, activation, 3x3/2 max pool; returns it and the BN
   statistics."""
   dtype = static.spec.dtype
-  x = ops.conv(images.astype(dtype), kernel.astype(dtype), 2, 3)
+  x = ops.conv(images.astype(dtype), kernel, 2, 3)   # the kernel is cast there (see ops)
   h, (mean, var) = _pre_activation(static.spec, x, scale, bias, mean, var, static.train)
   return ops.max_pool(h, 3, 2, 1), (mean, var)
 

@@ -13,7 +13,8 @@ change to the layer's math is made here and reaches every path; the implementati
 only in what they store, recompute and fuse (docs/design.md).
 
 A fast path that computes only part of this space says so and is taken only there: the fused
-oneDNN call (`policy.fused_bottleneck`) computes ReLU units in float32 only.
+oneDNN call (`policy.fused_bottleneck`) computes ReLU units only, in float32 (from a float32 or
+bfloat16 buffer).
 """
 
 import dataclasses
@@ -125,8 +126,11 @@ def norm_factors(spec: Spec, mean, var, scale, bias):
 
 
 def convolve(spec: Spec, h: Array, kernel: Array) -> Array:
-  """A unit's bias-free, stride-1 'same' convolution (1x1 or 3x3) in the computation dtype."""
-  kernel = kernel.astype(spec.dtype)
+  """A unit's bias-free, stride-1 'same' convolution (1x1 or 3x3) in the computation dtype.
+
+  The kernel is passed in its own (parameter) dtype: the convolution casts it, and its
+  gradient keeps the parameter's dtype (see `ops`)."""
+  h = h.astype(spec.dtype)
   if kernel.shape[:2] == (1, 1):
     return ops.pointwise(h, kernel)
   return ops.conv_same(h, kernel)

@@ -1,4 +1,9 @@
-"""Array operations shared by the standard, memory-efficient and scanned layers."""
+"""Array operations shared by the standard, memory-efficient and scanned layers.
+
+The convolutions compute in their input's element type and cast the kernel to it; the kernel's
+gradient comes back in the kernel's own type. A bfloat16 model passes its float32 kernels
+uncast, so that their gradients are float32 where oneDNN sums them so (native/onednn.py).
+"""
 
 import functools
 
@@ -38,10 +43,11 @@ def _pointwise_any(x, kernel):
 
 
 def _pointwise_xla(x, kernel):
-  return _pointwise(x, kernel[0, 0])
+  return _pointwise(x, kernel[0, 0].astype(x.dtype))
 
 
 def _pointwise_cpu(x, kernel):
+  kernel = kernel.astype(x.dtype)
   if x.ndim == 4 and onednn.usable(x, kernel):
     return onednn.conv_forward(x, kernel)
   return _pointwise_xla(x, kernel)
@@ -55,14 +61,25 @@ def _pointwise_fwd(x, kernel):
   return _pointwise_any(x, kernel), (x, kernel)
 
 
+def _kernel_as_given(bwd):
+  """The backward rule `bwd` for a kernel of any float type: it computes with the kernel cast
+  to x's type and returns the kernel's gradient in the kernel's type (on every platform
+  alike, as `lax.platform_dependent`'s branches must)."""
+  def rule(x, kernel, g, **geometry):
+    dx, dk = bwd(x, kernel.astype(x.dtype), g, **geometry)
+    return dx, dk.astype(kernel.dtype)
+  return rule
+
+
 def _pointwise_bwd(residuals, g):
   x, kernel = residuals
-  return lax.platform_dependent(x, kernel, g, cpu=_pointwise_bwd_cpu,
-                                default=_pointwise_bwd_xla)
+  return lax.platform_dependent(x, kernel, g, cpu=_kernel_as_given(_pointwise_bwd_cpu),
+                                default=_kernel_as_given(_pointwise_bwd_xla))
 
 
 def _onednn_gradients(x, kernel, g, stride=1, padding=None):
-  """(input gradient, kernel gradient) of a convolution of x, through oneDNN."""
+  """(input gradient, kernel gradient) of a convolution of x, through oneDNN (the kernel
+  gradient in float32)."""
   return (onednn.conv_backward_data(g, kernel, x.shape, stride, padding),
           onednn.conv_backward_weights(x, g, kernel.shape, stride, padding))
 
@@ -78,7 +95,7 @@ def _pointwise_bwd_xla(x, kernel, g):
   dx = _pointwise(g, lax.optimization_barrier(kernel[0, 0].T))
   dk = lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
                        (((0,), (0,)), ((), ())))
-  return dx.astype(x.dtype), dk[None, None].astype(kernel.dtype)
+  return dx.astype(x.dtype), dk[None, None]
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
@@ -88,8 +105,9 @@ pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 def pointwise_accumulate(acc: jax.Array, x: jax.Array, kernel: jax.Array) -> jax.Array:
   """acc + pointwise(x, kernel), for summing a 1x1 convolution over chunks of its input.
 
-  On a CPU with oneDNN (float32) the convolution adds its result into acc's buffer as it writes
-  it, instead of writing it and then adding it in a separate pass over both.
+  On a CPU with oneDNN, where acc and x have one element type, the convolution adds its result
+  into acc's buffer as it writes it, instead of writing it and then adding it in a separate
+  pass over both.
   """
   return _pointwise_accumulate_any(acc, x, kernel)
 
@@ -104,6 +122,7 @@ def _pointwise_accumulate_xla(acc, x, kernel):
 
 
 def _pointwise_accumulate_cpu(acc, x, kernel):
+  kernel = kernel.astype(x.dtype)
   if x.ndim == 4 and onednn.usable(acc, x, kernel):
     return onednn.conv_forward_accumulate(acc, x, kernel)
   return _pointwise_accumulate_xla(acc, x, kernel)
@@ -170,7 +189,7 @@ def avg_pool2(x: jax.Array) -> jax.Array:
 
 def _conv_same(x, kernel):
   pad = kernel.shape[0] // 2
-  return lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+  return lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), ((pad, pad), (pad, pad)),
                                   dimension_numbers=_NHWC)
 
 
@@ -178,9 +197,10 @@ def _conv_same(x, kernel):
 def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 'same' convolution, NHWC input and HWIO kernel of odd size.
 
-  On a CPU, float32, it and both its gradients are oneDNN's convolutions where oneDNN is
-  built (densenet_jax/native/onednn.py): XLA:CPU's own run at a fraction of the cores'
-  arithmetic rate.
+  On a CPU, in the element types oneDNN takes there (`onednn.dtypes`: float32, and bfloat16
+  where the CPU has bfloat16 instructions), it and both its gradients are oneDNN's
+  convolutions where oneDNN is built (densenet_jax/native/onednn.py): XLA:CPU's own run at a
+  fraction of the cores' arithmetic rate.
 
   Without oneDNN the gradients are written out, with the values of autodiff; the reason is
   XLA:CPU. Inside a loop body (a `lax.scan`) it leaves autodiff's transposed convolutions in
@@ -201,6 +221,7 @@ def _conv_same_any(x, kernel):
 
 
 def _conv_same_cpu(x, kernel):
+  kernel = kernel.astype(x.dtype)
   if onednn.usable(x, kernel):
     return onednn.conv_forward(x, kernel)
   return _conv_same(x, kernel)
@@ -237,7 +258,7 @@ def _written_conv_same_bwd(x, kernel, g):
   dk = lax.dot_general(x.reshape(-1, cin), _shifted(g, size).reshape(-1, size * size * cout),
                        (((0,), (0,)), ((), ())))
   dk = dk.reshape(cin, size, size, cout).transpose(1, 2, 0, 3)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+  return dx.astype(x.dtype), dk
 
 
 def _autodiff_conv_same_bwd(x, kernel, g):
@@ -248,8 +269,8 @@ def _autodiff_conv_same_bwd(x, kernel, g):
 def _conv_same_bwd(residuals, g):
   x, kernel = residuals
   # Resolved when the step is lowered for its platform: the compiler sees one branch only.
-  return lax.platform_dependent(x, kernel, g, cpu=_cpu_conv_same_bwd,
-                                default=_autodiff_conv_same_bwd)
+  return lax.platform_dependent(x, kernel, g, cpu=_kernel_as_given(_cpu_conv_same_bwd),
+                                default=_kernel_as_given(_autodiff_conv_same_bwd))
 
 
 conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
@@ -259,8 +280,8 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
   """Convolution of NHWC x with a square HWIO kernel, zero-padded by `padding` on every side.
 
   Stride 1 with 'same' padding is `conv_same`. Other strides (the ImageNet stem's 7x7/2) are
-  oneDNN's convolution and gradients on a CPU with oneDNN (float32), several times faster than
-  XLA:CPU's there. Elsewhere they are XLA's convolution and autodiff's gradients.
+  oneDNN's convolution and gradients on a CPU with oneDNN (in `onednn.dtypes`), several times
+  faster than XLA:CPU's there. Elsewhere they are XLA's convolution and autodiff's gradients.
   """
   if stride == 1 and kernel.shape[0] % 2 == 1 and padding == kernel.shape[0] // 2:
     return conv_same(x, kernel)
@@ -268,8 +289,8 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arra
 
 
 def _conv_xla(x, kernel, stride, padding):
-  return lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
-                                  dimension_numbers=_NHWC)
+  return lax.conv_general_dilated(x, kernel.astype(x.dtype), (stride, stride),
+                                  ((padding, padding),) * 2, dimension_numbers=_NHWC)
 
 
 def _onednn_kernel(kernel):
@@ -277,6 +298,7 @@ def _onednn_kernel(kernel):
 
 
 def _strided_conv_cpu(x, kernel, stride, padding):
+  kernel = kernel.astype(x.dtype)
   if _onednn_kernel(kernel) and onednn.usable(x, kernel):
     return onednn.conv_forward(x, kernel, stride, padding)
   return _conv_xla(x, kernel, stride, padding)
@@ -311,8 +333,9 @@ def _strided_conv_bwd(stride, padding, residuals, g):
   x, kernel = residuals
   geometry = dict(stride=stride, padding=padding)
   return lax.platform_dependent(
-      x, kernel, g, cpu=functools.partial(_strided_conv_bwd_cpu, **geometry),
-      default=functools.partial(_strided_conv_bwd_xla, **geometry))
+      x, kernel, g,
+      cpu=functools.partial(_kernel_as_given(_strided_conv_bwd_cpu), **geometry),
+      default=functools.partial(_kernel_as_given(_strided_conv_bwd_xla), **geometry))
 
 
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)

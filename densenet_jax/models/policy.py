@@ -17,9 +17,11 @@ docs/design.md ("Segments and chunks") and docs/performance.md.
   `jax.default_backend()`: a step lowered for the CPU on a GPU host gets the CPU's chunks.
 * `fused_bottleneck`: whether a scanned layer's first unit is oneDNN's fused call. The call
   implements part of the layer's space only (models/layer.py): a 1x1 bottleneck convolution
-  after BatchNorm and ReLU, in float32. Other layers take the chunked path on every platform.
+  after BatchNorm and ReLU, on a float32 or bfloat16 buffer, computed in float32. Other layers
+  take the chunked path on every platform.
 * Whether a CPU convolution is oneDNN's is decided by densenet_jax/native/onednn.py
-  (`available`, `usable`), at lowering.
+  (`available`, `usable`, and `dtypes`: float32, and bfloat16 where the CPU has bfloat16
+  instructions), at lowering.
 """
 
 import dataclasses
@@ -50,7 +52,8 @@ def chunks(model, block: int) -> Chunks:
 def fused_bottleneck(spec, x) -> bool:
   """Whether the fused call (native/bottleneck.cc) computes the first unit of a layer defined
   by `spec` (a `layer.Spec`) on the buffer x: it computes relu(x * a + b) then a 1x1
-  convolution, in float32, and only on a CPU with oneDNN (checked at lowering)."""
+  convolution, in float32 from a float32 or bfloat16 buffer, and only on a CPU with oneDNN
+  (checked at lowering: `onednn.bottleneck_usable`)."""
   return (spec.bottleneck and spec.activation == 'relu'
           and onednn.bottleneck_usable(x))
 

@@ -5,11 +5,12 @@ its k new maps. `in_width` is traced (the scan's layer index sets it), so XLA ca
 exactly that many channels. On a CPU with oneDNN, a bottleneck layer's first BN-ReLU-Conv1x1 is
 one fused call that takes `in_width` as an operand (densenet_jax/native/bottleneck.cc): it reads
 exactly the layer's channels and does the BatchNorm-ReLU, the matrix product and, backward, the
-gradients' elementwise work and reductions on blocks of rows held in cache. Elsewhere (GPUs,
-TPUs, bfloat16, layers without bottleneck, no oneDNN) the layer reads the buffer in chunks of
-`Static.chunk` channels, as many as its own input fills, so its work follows its own width
-rather than the buffer's (up to the last chunk's padding), and its backward pass (`first_bwd`,
-written out chunk by chunk) needs workspace for one chunk. The segment's scans in scanned.py
+gradients' elementwise work and reductions on blocks of rows held in cache; a bfloat16 buffer
+is read as float32 there. Elsewhere (GPUs, TPUs, layers without bottleneck, other activations,
+no oneDNN) the layer reads the buffer in chunks of `Static.chunk` channels, as many as its own
+input fills, so its work follows its own width rather than the buffer's (up to the last
+chunk's padding), and its backward pass (`first_bwd`, written out chunk by chunk) needs
+workspace for one chunk. The segment's scans in scanned.py
 call these once per layer; the padded BatchNorm parameters and the flat kernel layout they index
 are described there.
 """

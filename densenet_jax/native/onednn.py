@@ -5,20 +5,28 @@ machine's arithmetic rate (a 3x3 convolution of densenet121's first block, batch
 forward and 39 ms for both gradients, against 4.3, 4.5 and 4.5 ms through oneDNN, its kernels
 near the two cores' peak); PyTorch's CPU convolutions are oneDNN's too. `onednn_conv.cc` wraps
 oneDNN's forward, input-gradient and kernel-gradient convolutions (any stride, symmetric zero
-padding) for float32 NHWC activations and HWIO kernels, the layouts our models already use.
+padding) for NHWC activations and HWIO kernels, the layouts our models already use.
 `bottleneck.cc` fuses a scanned dense layer's first BatchNorm-ReLU into its 1x1 convolution
 over exactly the channels the layer reads (see there and densenet_jax/models/scanned_layer.py).
 
-The library (both files, with `parts.h`) is compiled on first use with the C++ compiler
-(`$CXX`, else `g++`) against the oneDNN headers and library that `pip install onednn-cpu-gomp
-onednn-devel-cpu-gomp` puts under `sys.prefix` (or under `$DENSENET_JAX_ONEDNN_ROOT`), and
-cached under `$DENSENET_JAX_CACHE` (default `~/.cache/densenet_jax`), keyed by the sources, the
-compiler and its version, the flags, jaxlib's version and the oneDNN found (path and version).
-A cached library that another user owns, or that others may write, is never loaded; where the
-cache directory cannot be written or holds such a file, the library is built in a private
-directory of this process instead. Where any of that is missing, or on a GPU or TPU,
-`available()` is False, the reason is logged once, and the models use XLA's own convolutions:
-the values agree to float32 rounding (tests/test_onednn.py). `DENSENET_JAX_ONEDNN=0` turns it off.
+Element types, declared here and nowhere else (`dtypes`, `bottleneck_usable`): the
+convolutions take float32, and bfloat16 where the CPU has bfloat16 instructions (AVX512_BF16,
+AMX or AVX2-VNNI-2) and oneDNN builds its own kernels for them; elsewhere oneDNN would emulate
+bfloat16 (not measured), and bfloat16 convolutions stay XLA's. A bfloat16 convolution's kernel
+gradient is float32, accumulated so by oneDNN. The fused call reads a float32 or bfloat16
+buffer and computes in float32 on any CPU.
+
+The library (both files, with `parts.h` and `conv_primitives.h`) is compiled on first use with
+the C++ compiler (`$CXX`, else `g++`) against the oneDNN headers and library that `pip install
+onednn-cpu-gomp onednn-devel-cpu-gomp` puts under `sys.prefix` (or under
+`$DENSENET_JAX_ONEDNN_ROOT`), and cached under `$DENSENET_JAX_CACHE` (default
+`~/.cache/densenet_jax`), keyed by the sources, the compiler and its version, the flags,
+jaxlib's version and the oneDNN found (path and version). A cached library that another user
+owns, or that others may write, is never loaded; where the cache directory cannot be written or
+holds such a file, the library is built in a private directory of this process instead. Where
+any of that is missing, or on a GPU or TPU, `available()` is False, the reason is logged once,
+and the models use XLA's own convolutions: the values agree to float32 rounding
+(tests/test_onednn.py). `DENSENET_JAX_ONEDNN=0` turns it off.
 """
 
 import ctypes
@@ -42,7 +50,7 @@ from densenet_jax.native import shards
 
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = [_HERE / 'onednn_conv.cc', _HERE / 'bottleneck.cc']
-_HEADERS = [_HERE / 'parts.h']
+_HEADERS = [_HERE / 'parts.h', _HERE / 'conv_primitives.h']
 _TARGETS = {
     'conv_forward': 'DensenetOnednnConvForward',
     'conv_forward_accumulate': 'DensenetOnednnConvForwardAccumulate',
@@ -54,7 +62,7 @@ _TARGETS = {
 _lock = threading.Lock()
 # `library` keeps the loaded library (and so its handlers) alive.
 _state = {'enabled': os.environ.get('DENSENET_JAX_ONEDNN', '1') != '0', 'loaded': None,
-          'reason': None, 'library': None, 'bottleneck': True}
+          'reason': None, 'library': None, 'bottleneck': True, 'bfloat16': None}
 
 
 def _onednn_root() -> pathlib.Path:
@@ -227,14 +235,32 @@ def set_bottleneck_enabled(enabled: bool) -> None:
   _state['bottleneck'] = bool(enabled)
 
 
-def bottleneck_usable(*arrays) -> bool:
-  """Whether a scanned layer's first BN-ReLU-Conv1x1 on these arrays should be fused."""
-  return _state['bottleneck'] and usable(*arrays)
+def dtypes() -> frozenset:
+  """The element types of the convolutions' activations and kernels that go through oneDNN
+  here: float32, and bfloat16 where the CPU runs it natively (asked of the library once:
+  `DensenetOnednnBfloat16Kernels` in onednn_conv.cc). Empty where oneDNN is not available."""
+  if not available():
+    return frozenset()
+  if _state['bfloat16'] is None:
+    _state['bfloat16'] = bool(_state['library'].DensenetOnednnBfloat16Kernels())
+  return frozenset({jnp.dtype(jnp.float32)} |
+                   ({jnp.dtype(jnp.bfloat16)} if _state['bfloat16'] else set()))
+
+
+# The fused call widens a bfloat16 buffer to float32 as it reads it: no bfloat16 instructions.
+_BOTTLENECK_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)})
+
+
+def bottleneck_usable(x) -> bool:
+  """Whether a scanned layer's first BN-ReLU-Conv1x1 on the buffer x should be fused."""
+  return _state['bottleneck'] and x.dtype in _BOTTLENECK_DTYPES and available()
 
 
 def usable(*arrays) -> bool:
-  """Whether a convolution of these float32 arrays should go through oneDNN."""
-  return all(a.dtype == jnp.float32 for a in arrays) and available()
+  """Whether a convolution of these arrays (activations, kernel, output gradient: all of one
+  element type) should go through oneDNN."""
+  kinds = {jnp.dtype(a.dtype) for a in arrays}
+  return len(kinds) == 1 and kinds <= dtypes()
 
 
 def _call(name, result, *args, input_output_aliases=None, **attrs):
@@ -293,9 +319,10 @@ def conv_backward_data(g: jax.Array, kernel: jax.Array, x_shape=None, stride: in
 
 def conv_backward_weights(x: jax.Array, g: jax.Array, kernel_shape, stride: int = 1,
                           padding: Optional[int] = None) -> jax.Array:
-  """Gradient of `conv_forward` with respect to the kernel, for output gradient g."""
+  """Gradient of `conv_forward` with respect to the kernel, for output gradient g: float32
+  for float32 and bfloat16 x and g alike (oneDNN sums it in float32)."""
   def call(x, g):
-    return (_call('conv_backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype),
+    return (_call('conv_backward_weights', jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32),
                   x, g, **_geometry(kernel_shape, stride, padding)),)
 
   return shards.split(call, x, g, batched=(True, True), outputs=(shards.SUM,))[0]
@@ -311,14 +338,14 @@ def bottleneck_forward(x: jax.Array, a: jax.Array, b: jax.Array, kernels: jax.Ar
   kernels[:, :, offset:offset + width] (bottleneck.cc).
 
   Args:
-    x: a block's feature buffer [N, H, W, C], float32.
+    x: a block's feature buffer [N, H, W, C], float32 or bfloat16 (computed in float32).
     a, b: [C] per-channel BatchNorm factors (BatchNorm-ReLU is relu(x * a + b)).
     kernels: [1, 1, rows, out], a block's first-convolution kernels laid end to end.
     width, offset: int32 scalars, traced or not: how many channels the layer reads, and the
       row of `kernels` where its kernel starts.
 
   Returns:
-    [N, H, W, out].
+    [N, H, W, out], float32.
   """
   def call(x, a, b, kernels, width, offset):
     out = jax.ShapeDtypeStruct(x.shape[:3] + kernels.shape[3:], jnp.float32)

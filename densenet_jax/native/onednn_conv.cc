@@ -6,6 +6,12 @@
 // handlers give the train step oneDNN's kernels for NHWC activations and HWIO kernels,
 // the layouts our models already use, so nothing is transposed around the calls.
 //
+// Element types: activations, kernels and their gradients are all float32, or all bfloat16,
+// except the kernel gradient, which is float32 either way: oneDNN accumulates it in float32
+// over every position of the batch, and the parameters it updates are float32, so rounding it
+// to bfloat16 would only lose precision. Where bfloat16 is taken is decided in onednn.py
+// (`dtypes`), from what this CPU runs natively (`DensenetOnednnBfloat16Kernels` below).
+//
 // Threads: this oneDNN build parallelises with OpenMP, and inside an XLA program its thread
 // team competed with XLA's own threads for the cores (XLA runs independent operations
 // concurrently): DenseNet-BC-100's step was no faster than with XLA's convolutions. So each
@@ -13,9 +19,7 @@
 // every part single-threaded, the calling thread taking parts too, and parts that no pool
 // thread has picked up by then run on the calling thread: no thread waits for a busy core.
 //
-// Primitives are built once per shape and kept (building one takes longer than running a
-// small one). Kernels are reordered into oneDNN's preferred blocked layout on each call:
-// they are small next to the activations.
+// The oneDNN primitives themselves are built and run in conv_primitives.h.
 
 #include <omp.h>
 
@@ -32,10 +36,12 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "conv_primitives.h"
 #include "parts.h"
 
 namespace ffi = xla::ffi;
@@ -45,177 +51,41 @@ namespace {
 using densenet_jax::Checks;
 using densenet_jax::Dims;
 using densenet_jax::DimsString;
+using densenet_jax::ElementAt;
 using densenet_jax::ForEachPart;
 using densenet_jax::Guard;
 
-using dnnl::memory;
-using Tag = memory::format_tag;
-using Dt = memory::data_type;
+using densenet_jax::conv::Bfloat16Kernels;
+using densenet_jax::conv::Dt;
+using densenet_jax::conv::Kind;
+using densenet_jax::conv::Run;
+using densenet_jax::conv::Shape;
 
-// (batch, input height, input width, in, out, kernel size, stride, padding on every side).
-using Shape =
-    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+// oneDNN's name for an element type the checks have let through (f32 or bf16).
+Dt OnednnType(ffi::DataType type) { return type == ffi::DataType::BF16 ? Dt::bf16 : Dt::f32; }
 
-dnnl::engine& Engine() {
-  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
-  return *engine;
-}
-
-struct Descs {
-  memory::desc src, dst, user_weights, any_weights;
-  memory::dims strides, padding;
-};
-
-Descs MakeDescs(const Shape& s) {
-  auto [n, h, w, cin, cout, k, stride, pad] = s;
-  int64_t out_h = (h + 2 * pad - k) / stride + 1, out_w = (w + 2 * pad - k) / stride + 1;
-  return Descs{memory::desc({n, cin, h, w}, Dt::f32, Tag::nhwc),
-               memory::desc({n, cout, out_h, out_w}, Dt::f32, Tag::nhwc),
-               memory::desc({cout, cin, k, k}, Dt::f32, Tag::hwio),
-               memory::desc({cout, cin, k, k}, Dt::f32, Tag::any),
-               {stride, stride},
-               {pad, pad}};
-}
-
-dnnl::primitive_attr UserScratchpad() {
-  dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  return attr;
-}
-
-// With `accumulate`, the primitive adds its result to what the output already holds (oneDNN's
-// sum post-op), in the same pass that writes it.
-dnnl::convolution_forward::primitive_desc ForwardPd(const Shape& s, bool accumulate = false) {
-  Descs d = MakeDescs(s);
-  dnnl::primitive_attr attr = UserScratchpad();
-  if (accumulate) {
-    dnnl::post_ops ops;
-    ops.append_sum(1.0f);
-    attr.set_post_ops(ops);
-  }
-  return dnnl::convolution_forward::primitive_desc(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, d.src,
-      d.any_weights, d.dst, d.strides, d.padding, d.padding, attr);
-}
-
-// One operation for one shape: its primitive, and the reorder between the user's HWIO
-// kernel and the primitive's kernel layout (absent when they are the same).
-struct Op {
-  dnnl::primitive primitive;
-  memory::desc weights;  // the primitive's kernel layout
-  memory::desc scratchpad;
-  std::unique_ptr<dnnl::reorder> weights_reorder;
-};
-
-enum class Kind { kForward, kForwardAccumulate, kBackwardData, kBackwardWeights };
-
-std::unique_ptr<Op> BuildOp(Kind kind, const Shape& s) {
-  Descs d = MakeDescs(s);
-  auto fwd = ForwardPd(s);
-  auto op = std::make_unique<Op>();
-  bool to_primitive = true;  // the kernel is reordered into the primitive's layout
-  switch (kind) {
-    case Kind::kForward:
-    case Kind::kForwardAccumulate: {
-      auto pd = kind == Kind::kForward ? fwd : ForwardPd(s, /*accumulate=*/true);
-      op->primitive = dnnl::convolution_forward(pd);
-      op->weights = pd.weights_desc();
-      op->scratchpad = pd.scratchpad_desc();
-      break;
-    }
-    case Kind::kBackwardData: {
-      dnnl::convolution_backward_data::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, d.src, d.any_weights, d.dst, d.strides,
-          d.padding, d.padding, fwd, UserScratchpad());
-      op->primitive = dnnl::convolution_backward_data(pd);
-      op->weights = pd.weights_desc();
-      op->scratchpad = pd.scratchpad_desc();
-      break;
-    }
-    case Kind::kBackwardWeights: {
-      dnnl::convolution_backward_weights::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct, d.src, d.any_weights, d.dst, d.strides,
-          d.padding, d.padding, fwd, UserScratchpad());
-      op->primitive = dnnl::convolution_backward_weights(pd);
-      op->weights = pd.diff_weights_desc();
-      op->scratchpad = pd.scratchpad_desc();
-      to_primitive = false;  // the gradient is reordered back into HWIO
-      break;
-    }
-  }
-  if (op->weights != d.user_weights) {
-    dnnl::reorder::primitive_desc rpd =
-        to_primitive ? dnnl::reorder::primitive_desc(Engine(), d.user_weights, Engine(),
-                                                     op->weights)
-                     : dnnl::reorder::primitive_desc(Engine(), op->weights, Engine(),
-                                                     d.user_weights);
-    op->weights_reorder = std::make_unique<dnnl::reorder>(rpd);
-  }
-  return op;
-}
-
-const Op& GetOp(Kind kind, const Shape& s) {
-  static std::mutex* mu = new std::mutex;
-  static auto* ops = new std::map<std::tuple<Kind, Shape>, std::unique_ptr<Op>>;
-  std::lock_guard<std::mutex> lock(*mu);
-  auto key = std::make_tuple(kind, s);
-  auto it = ops->find(key);
-  if (it == ops->end()) it = ops->emplace(key, BuildOp(kind, s)).first;
-  return *it->second;
-}
-
-// Owned scratch memory for one call, freed when it goes out of scope.
-struct Scratch {
-  std::unique_ptr<void, decltype(&std::free)> data{nullptr, &std::free};
-  memory Make(const memory::desc& desc) {
-    size_t bytes = desc.get_size();
-    if (bytes == 0) return memory(desc, Engine(), nullptr);
-    data.reset(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
-    return memory(desc, Engine(), data.get());
-  }
-};
-
-void Run(Kind kind, const Shape& s, void* src, void* weights, void* dst) {
-  const Op& op = GetOp(kind, s);
-  Descs d = MakeDescs(s);
-  dnnl::stream stream(Engine());
-  Scratch scratch_pad, scratch_weights;
-  memory user_weights(d.user_weights, Engine(), weights);
-  memory op_weights = op.weights_reorder ? scratch_weights.Make(op.weights) : user_weights;
-  if (op.weights_reorder && kind != Kind::kBackwardWeights) {
-    op.weights_reorder->execute(stream, user_weights, op_weights);
-  }
-  memory src_mem(d.src, Engine(), src), dst_mem(d.dst, Engine(), dst);
-  memory pad = scratch_pad.Make(op.scratchpad);
-  switch (kind) {
-    case Kind::kForward:
-    case Kind::kForwardAccumulate:
-      op.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem}, {DNNL_ARG_WEIGHTS, op_weights},
-                                    {DNNL_ARG_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
-      break;
-    case Kind::kBackwardData:
-      op.primitive.execute(stream, {{DNNL_ARG_DIFF_SRC, src_mem},
-                                    {DNNL_ARG_WEIGHTS, op_weights},
-                                    {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
-      break;
-    case Kind::kBackwardWeights:
-      op.primitive.execute(stream, {{DNNL_ARG_SRC, src_mem},
-                                    {DNNL_ARG_DIFF_WEIGHTS, op_weights},
-                                    {DNNL_ARG_DIFF_DST, dst_mem}, {DNNL_ARG_SCRATCHPAD, pad}});
-      if (op.weights_reorder) op.weights_reorder->execute(stream, op_weights, user_weights);
-      break;
-  }
-  stream.wait();
-}
-
-// `src`: the convolution's input (or input gradient) dimensions.
+// `src`: the convolution's input (or input gradient) dimensions; `type`: the activations'.
 Shape ShapeOf(ffi::Span<const int64_t> src, ffi::Span<const int64_t> kernel, int64_t batch,
-              int64_t stride, int64_t padding) {
-  return Shape(batch, src[1], src[2], kernel[2], kernel[3], kernel[0], stride, padding);
+              int64_t stride, int64_t padding, ffi::DataType type) {
+  return Shape(batch, src[1], src[2], kernel[2], kernel[3], kernel[0], stride, padding,
+               OnednnType(type));
 }
 
-// Floats per image of an NHWC array.
+// Elements per image of an NHWC array.
 int64_t ImageSize(ffi::Span<const int64_t> dims) { return dims[1] * dims[2] * dims[3]; }
+
+// The activation types the handlers take; the kernel and the other activations must match.
+constexpr std::initializer_list<ffi::DataType> kActivationTypes = {ffi::DataType::F32,
+                                                                    ffi::DataType::BF16};
+
+// Checks element types first, so that the sizes computed from them are right: `first` is one
+// of the activation types, and every buffer of `same` has its type.
+bool CheckTypes(Checks& c, const std::string& first_name, ffi::DataType first,
+                std::initializer_list<std::pair<std::string, ffi::DataType>> same) {
+  if (!c.Type(first_name, first, kActivationTypes)) return false;
+  for (const auto& [name, type] : same) c.Type(name, type, {first}, first_name + "'s");
+  return c.ok();
+}
 
 struct Named {
   std::string name;
@@ -250,28 +120,35 @@ int64_t CheckConv(Checks& c, const Named& src, const Named& kernel, const Named&
   return pad;
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                       ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> y,
-                       int64_t stride, int64_t padding) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer kernel,
+                       ffi::Result<ffi::AnyBuffer> y, int64_t stride, int64_t padding) {
   Checks c("densenet_onednn_conv_forward");
+  if (!CheckTypes(c, "x", x.element_type(),
+                  {{"kernel", kernel.element_type()}, {"y", y->element_type()}})) {
+    return c.Result();
+  }
   CheckConv(c, {"x", x.dimensions()}, {"kernel", kernel.dimensions()}, {"y", y->dimensions()},
             stride, padding);
   if (!c.ok()) return c.Result();
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
-      Run(Kind::kForward, ShapeOf(x.dimensions(), kernel.dimensions(), count, stride, padding),
-          x.typed_data() + first * x_size, kernel.untyped_data(),
-          y->typed_data() + first * y_size);
+      Run(Kind::kForward,
+          ShapeOf(x.dimensions(), kernel.dimensions(), count, stride, padding, x.element_type()),
+          ElementAt(x, first * x_size), kernel.untyped_data(), ElementAt(*y, first * y_size));
     });
   });
 }
 
 // y = acc + convolution(x, kernel); y is aliased to acc (input_output_aliases in onednn.py).
-ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                 ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> acc,
-                                 ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer kernel,
+                                 ffi::AnyBuffer acc, ffi::Result<ffi::AnyBuffer> y) {
   Checks c("densenet_onednn_conv_forward_accumulate");
+  if (!CheckTypes(c, "x", x.element_type(),
+                  {{"kernel", kernel.element_type()}, {"acc", acc.element_type()},
+                   {"y", y->element_type()}})) {
+    return c.Result();
+  }
   int64_t padding = CheckConv(c, {"x", x.dimensions()}, {"kernel", kernel.dimensions()},
                               {"acc", acc.dimensions()}, 1, std::nullopt);
   // y is acc's buffer, or (where XLA could not alias them) a copy of acc made here.
@@ -279,23 +156,26 @@ ffi::Error ForwardAccumulateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
           std::vector<int64_t>(acc.dimensions().begin(), acc.dimensions().end()));
   if (!c.ok()) return c.Result();
   if (acc.untyped_data() != y->untyped_data()) {
-    std::copy_n(acc.typed_data(), acc.element_count(), y->typed_data());
+    std::copy_n(static_cast<const char*>(acc.untyped_data()), acc.size_bytes(),
+                static_cast<char*>(y->untyped_data()));
   }
   int64_t x_size = ImageSize(x.dimensions()), y_size = ImageSize(y->dimensions());
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
       Run(Kind::kForwardAccumulate,
-          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, padding),
-          x.typed_data() + first * x_size, kernel.untyped_data(),
-          y->typed_data() + first * y_size);
+          ShapeOf(x.dimensions(), kernel.dimensions(), count, 1, padding, x.element_type()),
+          ElementAt(x, first * x_size), kernel.untyped_data(), ElementAt(*y, first * y_size));
     });
   });
 }
 
-ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
-                            ffi::Buffer<ffi::F32> kernel, ffi::ResultBuffer<ffi::F32> dx,
-                            int64_t stride, int64_t padding) {
+ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer kernel,
+                            ffi::Result<ffi::AnyBuffer> dx, int64_t stride, int64_t padding) {
   Checks c("densenet_onednn_conv_backward_data");
+  if (!CheckTypes(c, "g", g.element_type(),
+                  {{"kernel", kernel.element_type()}, {"dx", dx->element_type()}})) {
+    return c.Result();
+  }
   CheckConv(c, {"dx", dx->dimensions()}, {"kernel", kernel.dimensions()}, {"g", g.dimensions()},
             stride, padding);
   if (!c.ok()) return c.Result();
@@ -303,17 +183,19 @@ ffi::Error BackwardDataImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   return Guard([&] {
     ForEachPart(pool, g.dimensions()[0], [&](int64_t, int64_t first, int64_t count) {
       Run(Kind::kBackwardData,
-          ShapeOf(dx->dimensions(), kernel.dimensions(), count, stride, padding),
-          dx->typed_data() + first * dx_size, kernel.untyped_data(),
-          g.typed_data() + first * g_size);
+          ShapeOf(dx->dimensions(), kernel.dimensions(), count, stride, padding,
+                  g.element_type()),
+          ElementAt(*dx, first * dx_size), kernel.untyped_data(), ElementAt(g, first * g_size));
     });
   });
 }
 
-ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dkernel,
-                               int64_t stride, int64_t padding) {
+ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer g,
+                               ffi::Result<ffi::AnyBuffer> dkernel, int64_t stride,
+                               int64_t padding) {
   Checks c("densenet_onednn_conv_backward_weights");
+  if (!CheckTypes(c, "x", x.element_type(), {{"g", g.element_type()}})) return c.Result();
+  c.Type("dkernel", dkernel->element_type(), {ffi::DataType::F32}, "for every x");
   CheckConv(c, {"x", x.dimensions()}, {"dkernel", dkernel->dimensions()}, {"g", g.dimensions()},
             stride, padding);
   if (!c.ok()) return c.Result();
@@ -324,44 +206,48 @@ ffi::Error BackwardWeightsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<std::vector<float>> partial(std::max<int64_t>(1, x.dimensions()[0]));
   return Guard([&] {
     ForEachPart(pool, x.dimensions()[0], [&](int64_t i, int64_t first, int64_t count) {
-      float* out = dkernel->typed_data();
+      float* out = static_cast<float*>(dkernel->untyped_data());
       if (i > 0) {
         partial[i].resize(k_size);
         out = partial[i].data();
       }
       Run(Kind::kBackwardWeights,
-          ShapeOf(x.dimensions(), dkernel->dimensions(), count, stride, padding),
-          x.typed_data() + first * x_size, out, g.typed_data() + first * g_size);
+          ShapeOf(x.dimensions(), dkernel->dimensions(), count, stride, padding,
+                  x.element_type()),
+          ElementAt(x, first * x_size), out, ElementAt(g, first * g_size));
     });
-    float* out = dkernel->typed_data();
+    float* out = static_cast<float*>(dkernel->untyped_data());
     for (size_t i = 1; i < partial.size(); ++i) {
       for (int64_t e = 0; e < static_cast<int64_t>(partial[i].size()); ++e) out[e] += partial[i][e];
     }
   });
 }
 
-// The convolutions' handlers: two float32 arrays in, one out, the stride and the padding.
+// The convolutions' handlers: two arrays in, one out (element types checked by the handler),
+// the stride and the padding.
 auto ConvBinding() {
   return ffi::Ffi::Bind()
       .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
       .Attr<int64_t>("stride")
       .Attr<int64_t>("padding");
 }
 
 }  // namespace
 
+extern "C" int DensenetOnednnBfloat16Kernels() { return Bfloat16Kernels() ? 1 : 0; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForward, ForwardImpl, ConvBinding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvForwardAccumulate, ForwardAccumulateImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetOnednnConvBackwardData, BackwardDataImpl, ConvBinding());
 

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -32,6 +33,18 @@ std::string DimsString(const Sizes& dims) {
   std::string s = "[";
   for (int64_t d : dims) s += (s.size() > 1 ? ", " : "") + std::to_string(d);
   return s + "]";
+}
+
+// "f32", "bf16", as XLA's text names element types.
+inline std::string TypeName(ffi::DataType type) {
+  switch (type) {
+    case ffi::DataType::F32: return "f32";
+    case ffi::DataType::BF16: return "bf16";
+    case ffi::DataType::F16: return "f16";
+    case ffi::DataType::F64: return "f64";
+    case ffi::DataType::S32: return "s32";
+    default: return "element type " + std::to_string(static_cast<int>(type));
+  }
 }
 
 // The checks a handler makes on its operands, attributes and results before it touches any of
@@ -74,6 +87,16 @@ class Checks {
     return Expect(good, name + " shape", DimsString(dims), DimsString(expected));
   }
 
+  // `type` is one of `allowed` (`why`, if given, follows them: "x's").
+  bool Type(const std::string& name, ffi::DataType type,
+            std::initializer_list<ffi::DataType> allowed, const std::string& why = "") {
+    std::string expected;
+    for (ffi::DataType t : allowed) expected += (expected.empty() ? "" : " or ") + TypeName(t);
+    bool good = std::find(allowed.begin(), allowed.end(), type) != allowed.end();
+    return Expect(good, name + " element type", TypeName(type),
+                  why.empty() ? expected : expected + ", " + why);
+  }
+
   // lo <= value <= hi; int64 on both sides, so that sums of int32 operands cannot wrap.
   bool InRange(const std::string& what, int64_t value, int64_t lo, int64_t hi) {
     return Expect(lo <= value && value <= hi, what, std::to_string(value),
@@ -83,6 +106,11 @@ class Checks {
  private:
   std::string target_, message_;
 };
+
+// The address of element `index` of a buffer of any element type.
+inline void* ElementAt(const ffi::AnyBuffer& buffer, int64_t index) {
+  return static_cast<char*>(buffer.untyped_data()) + index * ffi::ByteWidth(buffer.element_type());
+}
 
 // How many parts ForEachPart splits [0, n) into: one per pool thread, at most n.
 inline int64_t NumParts(ffi::ThreadPool& pool, int64_t n) {

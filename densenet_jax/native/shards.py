@@ -9,8 +9,9 @@ trainer's steps set it, train_lib.compile_steps; `jax.set_mesh` does too). Opera
 dimension are split along it and the others (kernels, per-channel factors, scalars) are
 replicated. Results with a batch dimension stay split; results that are sums over the batch
 (kernel gradients, the fused call's per-channel gradients) are summed over the devices with
-`psum`, as XLA's own convolution gradients are. BatchNorm's statistics are computed outside the
-calls, by XLA, over the global batch. So one device or N compute the same step (tests/test_training.py).
+`psum`, as XLA's own convolution gradients are. BatchNorm's statistics are computed outside
+the calls, by XLA, over the global batch. So one device or N compute the same step
+(tests/test_shards.py).
 
 Outside a mesh, on a mesh of one device, inside a shard_map over all of the mesh's axes, or for a
 batch the devices do not divide, `split` calls the function as it is.
