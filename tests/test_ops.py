@@ -8,6 +8,7 @@ import pytest
 from jax import lax
 
 from densenet_jax.models import ops
+from densenet_jax.models import pooling
 from densenet_jax.native import onednn
 
 
@@ -33,7 +34,7 @@ def test_max_pool_equals_flax(size, ties):
   if ties:  # As after a ReLU: many windows whose maximum occurs more than once.
     x = jnp.maximum(x, 0.3)
   reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  ours = lambda x: ops.max_pool(x, window=3, stride=2, padding=1)
+  ours = lambda x: pooling.max_pool(x, window=3, stride=2, padding=1)
   g = jnp.asarray(rng.standard_normal(reference(x).shape), jnp.float32)
   y_ref, dx_ref = _vjp(reference, x, g)
   y, dx = _vjp(ours, x, g)
@@ -45,7 +46,7 @@ def test_max_pool_equals_flax(size, ties):
 
 def test_max_pool_keeps_bfloat16():
   x = jnp.ones((1, 6, 6, 2), jnp.bfloat16)
-  y, dx = _vjp(lambda x: ops.max_pool(x, 3, 2, 1), x, jnp.ones((1, 3, 3, 2), jnp.bfloat16))
+  y, dx = _vjp(lambda x: pooling.max_pool(x, 3, 2, 1), x, jnp.ones((1, 3, 3, 2), jnp.bfloat16))
   assert y.dtype == dx.dtype == jnp.bfloat16
 
 
@@ -106,7 +107,7 @@ def test_conv_same_gradients_are_written_out_on_cpu_only(cpu_convolutions):
 def test_avg_pool2_equals_flax(size):
   """Transitions pool with `avg_pool2`; it must be `nn.avg_pool`'s 2x2/2 (odd edges dropped)."""
   x = jax.random.normal(jax.random.key(0), (2, *size, 3))
-  np.testing.assert_allclose(ops.avg_pool2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)),
+  np.testing.assert_allclose(pooling.avg_pool2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)),
                              rtol=1e-6, atol=1e-6)
 
 

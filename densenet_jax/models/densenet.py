@@ -19,6 +19,7 @@ from densenet_jax.models import efficient
 from densenet_jax.models import initializers
 from densenet_jax.models import layer
 from densenet_jax.models import ops
+from densenet_jax.models import pooling
 from densenet_jax.models import policy
 from densenet_jax.models import scanned
 
@@ -162,10 +163,10 @@ class Transition(nn.Module):
       x = layer.norm_activation(spec, x, train=train, name='norm',
                                 initializing=self.is_initializing())
       y = Conv1x1(self.out_features, dtype=spec.dtype, name='conv')(
-          ops.avg_pool2(x) if pool_first else x)
+          pooling.avg_pool2(x) if pool_first else x)
     if pool_first:
       return y
-    return ops.avg_pool2(layer.dropout(spec, y, self.make_rng('dropout')))
+    return pooling.avg_pool2(layer.dropout(spec, y, self.make_rng('dropout')))
 
 
 class DenseNet(nn.Module):
@@ -258,7 +259,7 @@ class DenseNet(nn.Module):
                name='stem_conv')(x)
       x = layer.norm_activation(spec, x, train=train, name='stem_norm',
                                 initializing=initializing)
-      x = ops.max_pool(x, window=3, stride=2, padding=1)
+      x = pooling.max_pool(x, window=3, stride=2, padding=1)
     else:
       x = Conv(self.stem_features, 3, padding=1, dtype=self.dtype, name='stem_conv')(x)
     for i, num_layers in enumerate(self.block_sizes):

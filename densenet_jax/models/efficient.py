@@ -34,6 +34,7 @@ from jax import lax
 
 from densenet_jax.models import layer
 from densenet_jax.models import ops
+from densenet_jax.models import pooling
 from densenet_jax.models import policy
 
 Array = jax.Array
@@ -133,7 +134,7 @@ def _transition_chunk(static: _Chunked, x, scale, bias, mean, var, kernel):
   chunk's BatchNorm statistics (its batch statistics in training, else the given averages)."""
   h, (mean, var) = _pre_activation(static.spec, x, scale, bias, mean, var, static.train)
   if static.pool:
-    h = ops.avg_pool2(h)
+    h = pooling.avg_pool2(h)
   return layer.convolve(static.spec, h, kernel).astype(jnp.float32), (mean, var)
 
 
@@ -259,7 +260,7 @@ def _stem_forward(static: _Stem, images, kernel, scale, bias, mean, var):
   dtype = static.spec.dtype
   x = ops.conv(images.astype(dtype), kernel, 2, 3)   # the kernel is cast there (see ops)
   h, (mean, var) = _pre_activation(static.spec, x, scale, bias, mean, var, static.train)
-  return ops.max_pool(h, 3, 2, 1), (mean, var)
+  return pooling.max_pool(h, 3, 2, 1), (mean, var)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

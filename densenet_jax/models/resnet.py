@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from densenet_jax.models import initializers
 from densenet_jax.models import layer
-from densenet_jax.models import ops
+from densenet_jax.models import pooling
 from densenet_jax.models.densenet import Conv
 from densenet_jax.models.densenet import Conv1x1
 
@@ -254,7 +254,7 @@ class ResNet(nn.Module):
     if not self.preactivation:
       x = norm_relu(x, 'stem_norm')
     if self.stem == 'imagenet':
-      x = ops.max_pool(x, window=3, stride=2, padding=1)
+      x = pooling.max_pool(x, window=3, stride=2, padding=1)
     for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
       x = Stage(num_blocks, width, 1 if i == 0 else 2, design, self.scan_blocks,
                 name=f'stage{i + 1}')(x, train)
