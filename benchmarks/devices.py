@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -42,21 +41,20 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _measure():
   import jax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from harness import compiled_train_step  # pylint: disable=g-import-not-at-top
+  from harness import compiled_train_step, timed  # pylint: disable=g-import-not-at-top
   from densenet_jax.models import create_model
 
   model = create_model(_MODEL.value)
   compiled, state, data, compile_s, _ = compiled_train_step(model, _BATCH.value)
   holder = {'state': state}
-  times = []
-  for i in range(2 + _STEPS.value):
-    start = time.perf_counter()
+
+  def train():
     holder['state'], metrics = compiled(holder['state'], data)
     jax.block_until_ready(metrics)
-    if i >= 2:
-      times.append(time.perf_counter() - start)
+
+  step_s = timed(train, _STEPS.value)
   return dict(devices=jax.device_count(), compile_s=compile_s,
-              train_ips=_BATCH.value / statistics.median(times))
+              train_ips=_BATCH.value / step_s)
 
 
 def _spawn(devices, tree):

@@ -1,5 +1,6 @@
 """What throughput.py and ab.py share: the trainer's train step, compiled for a benchmark."""
 
+import statistics
 import time
 
 
@@ -25,3 +26,17 @@ def compiled_train_step(model, batch):
   compile_s = time.perf_counter() - start
   temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
   return compiled, state, data, compile_s, temp_mib
+
+
+def timed(fn, steps, after_warmup=None):
+  """Median seconds of fn() over `steps` calls after two warm-up calls (then after_warmup())."""
+  for _ in range(2):
+    fn()
+  if after_warmup:
+    after_warmup()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)

@@ -35,16 +35,15 @@ measures both without it.
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 
 from densenet_jax import hugepages
 from harness import compiled_train_step
+from harness import timed
 
 _CASES = flags.DEFINE_list(
     'cases', ['densenet121:8:float32:std-scan1', 'densenet121:8:float32:eff-scan1',
@@ -76,20 +75,6 @@ def _peak_device_mib(device):
   if not stats or 'peak_bytes_in_use' not in stats:
     return None
   return stats['peak_bytes_in_use'] / 2**20
-
-
-def _timed(fn, steps, after_warmup=None):
-  """Median seconds of fn() over `steps` calls after two warm-up calls (then after_warmup())."""
-  for _ in range(2):
-    fn()
-  if after_warmup:
-    after_warmup()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def model_options(name, mode):
@@ -127,12 +112,12 @@ def measure_jax(name, batch, dtype, mode, steps):
     holder['state'], metrics = compiled(holder['state'], data)
     jax.block_until_ready(metrics)
 
-  train_s = _timed(train, steps)
+  train_s = timed(train, steps)
   peak_device_mib = _peak_device_mib(device)   # before inference: the train steps' peak
   infer = jax.jit(lambda v, x: model.apply(v, x, train=False),
                   compiler_options=train_lib.compiler_options(train_lib.create_mesh()))
   variables = {'params': holder['state'].params, 'batch_stats': holder['state'].batch_stats}
-  infer_s = _timed(lambda: jax.block_until_ready(infer(variables, data['image'])), steps)
+  infer_s = timed(lambda: jax.block_until_ready(infer(variables, data['image'])), steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s, compile_s=compile_s,
               temp_mib=temp_mib, peak_rss_mib=_peak_rss_mib(),
               peak_device_mib=peak_device_mib, **about)
@@ -227,9 +212,9 @@ def measure_torch(name, batch, dtype, mode, steps):
     sync()
 
   # cudnn.benchmark's trial workspaces during warm-up are not the train step's memory.
-  train_s = _timed(train, steps, torch.cuda.reset_peak_memory_stats if cuda else None)
+  train_s = timed(train, steps, torch.cuda.reset_peak_memory_stats if cuda else None)
   peak_device_mib = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-  infer_s = _timed(infer, steps)
+  infer_s = timed(infer, steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s,
               peak_rss_mib=_peak_rss_mib(), peak_device_mib=peak_device_mib,
               threads=torch.get_num_threads(), torch=torch.__version__,
