@@ -259,6 +259,32 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params():
   np.testing.assert_allclose(model.apply(variables, x), reference, atol=0.1, rtol=0.1)
 
 
+def _in_place_updates(hlo: str):
+  """The dynamic-update-slices of a compiled program's text, each as (its result type, the
+  opcode that made its updated operand within the same computation, or None for a parameter)."""
+  updates = []
+  for computation in hlo.split('\n\n'):
+    made_by = dict(re.findall(r'%([\w.-]+) = \S+ ([\w-]+)\(', computation))
+    for result, operand in re.findall(
+        r'= (\w+)\[[^\]]*\]\S* dynamic-update-slice\(%([\w.-]+)', computation):
+      updates.append((result, made_by.get(operand)))
+  return updates
+
+
+@pytest.mark.parametrize('memory_efficient', [False, True], ids=['standard', 'efficient'])
+def test_bfloat16_buffers_are_updated_in_place(memory_efficient):
+  """XLA:CPU widens a dynamic-update-slice of a bfloat16 array into a conversion of the whole
+  array to float32, the update and a conversion back, so that a block buffer's update in its
+  loop rewrote the buffer twice per layer (ops.bits). In the compiled bfloat16 train step no
+  update may be on bfloat16, nor update an array converted (or bit-cast) in the same fusion:
+  every update writes into its operand's own buffer."""
+  model = create_model('densenet_bc', depth=16, growth_rate=12, dtype=jnp.bfloat16,
+                       memory_efficient=memory_efficient)
+  updates = _in_place_updates(lowered_train_gradient(model, (8, 16, 16, 3)).compile().as_text())
+  assert len(updates) >= 4   # the buffer, its statistics and the stacked outputs, both passes
+  assert not [u for u in updates if u[0] == 'bf16' or u[1] in ('convert', 'bitcast-convert')]
+
+
 def test_min_image_size():
   assert models.min_image_size(create_model('densenet121')) == 32
   assert models.min_image_size(create_model('densenet_bc100_k12')) == 4

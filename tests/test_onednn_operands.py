@@ -101,10 +101,10 @@ _BAD_CALLS = [
     ('conv_backward_weights', dict(x_dtype='bfloat16', g_dtype='bfloat16', g=(3, 4, 4, 4)),
      r'g shape \(got \[3, 4, 4, 4\], expected \[2'),
     ('bottleneck_forward', dict(x_dtype='float16'),
-     r'x element type \(got f16, expected f32 or bf16\)'),
-    ('bottleneck_forward', dict(x_dtype='bfloat16', offset=15),
+     r"x element type \(got f16, expected f32 or u16, u16 holding bfloat16's bits\)"),
+    ('bottleneck_forward', dict(x_dtype='uint16', offset=15),
      r'offset \+ width \(got 23, expected \[1, 20\]\)'),
-    ('bottleneck_backward', dict(x_dtype='bfloat16', dx_in=(2, 4, 4, 7)),
+    ('bottleneck_backward', dict(x_dtype='uint16', dx_in=(2, 4, 4, 7)),
      r'dx_in shape \(got \[2, 4, 4, 7\]'),
 ]
 

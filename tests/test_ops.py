@@ -121,3 +121,24 @@ def test_chunks_cover_every_channel_once(width, chunk):
     assert 0 <= start and start + chunk <= width
     owned[start:start + chunk] += np.asarray(ops.chunk_is_new(c, chunk, width))
   np.testing.assert_array_equal(owned, 1)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16', 'float32'])
+def test_slices_on_bits_equal_lax(dtype):
+  """ops moves 16-bit floats as their bits; the values are lax's, NaNs and -0.0 included."""
+  rng = np.random.default_rng(0)
+  total = jnp.asarray(rng.standard_normal((2, 3, 3, 10)), dtype).at[0, 0, 0, 0].set(jnp.nan)
+  part = jnp.asarray(rng.standard_normal((2, 3, 3, 4)), jnp.float32).at[1, 0, 0, 1].set(-0.0)
+  same = lambda a, b: np.testing.assert_array_equal(
+      np.asarray(lax.bitcast_convert_type(a, jnp.dtype(f'uint{8 * a.dtype.itemsize}'))),
+      np.asarray(lax.bitcast_convert_type(b, jnp.dtype(f'uint{8 * b.dtype.itemsize}'))))
+  start = jnp.int32(5)   # traced in a jitted loop, as in the scans
+  updated = jax.jit(ops.update_slice, static_argnums=3)(total, part, start, 3)
+  same(updated, lax.dynamic_update_slice_in_dim(total, part.astype(dtype), 5, 3))
+  assert updated.dtype == total.dtype
+  same(jax.jit(ops.take_slice, static_argnums=(2, 3))(total, start, 4, 3),
+       lax.dynamic_slice_in_dim(total, 5, 4, 3))
+  same(ops.pad_channels(total, 3), jnp.pad(total, ((0, 0),) * 3 + ((0, 3),)))
+  bits = ops.bits(total)
+  assert bits.dtype == (jnp.float32 if dtype == 'float32' else jnp.uint16)
+  same(ops.from_bits(bits, total.dtype), total)

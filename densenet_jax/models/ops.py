@@ -172,6 +172,45 @@ def zero_after(g: jax.Array) -> jax.Array:
   return 0.0 * g.ravel()[0].astype(jnp.float32)
 
 
+# Slices and updates of 16-bit float arrays move their bits. XLA:CPU has no 16-bit float
+# arithmetic and widens every operation on such an array to float32, data movement included: a
+# dynamic-update-slice of a bfloat16 buffer becomes the whole buffer converted to float32, the
+# update, and the whole buffer converted back, so that the update of a block's buffer inside its
+# loop, in place for float32, rewrote the buffer twice per layer (docs/performance.md,
+# "bfloat16"). On uint16 the same update is in place. The bits are the values, on every platform.
+
+def bits(x: jax.Array) -> jax.Array:
+  """x's elements as unsigned integers of their width where x is a 16-bit float, else x."""
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize == 2:
+    return lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def from_bits(x: jax.Array, dtype) -> jax.Array:
+  """The inverse of `bits`: x as `dtype` where x holds the bits of a 16-bit float, else x."""
+  if x.dtype == jnp.uint16 and jnp.dtype(dtype) != jnp.uint16:
+    return lax.bitcast_convert_type(x, dtype)
+  return x
+
+
+def update_slice(total: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
+  """`lax.dynamic_update_slice_in_dim` on the bits (in place inside a loop body)."""
+  part = part.astype(total.dtype)
+  return from_bits(lax.dynamic_update_slice_in_dim(bits(total), bits(part), start, axis),
+                   total.dtype)
+
+
+def take_slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
+  """`lax.dynamic_slice_in_dim` on the bits."""
+  return from_bits(lax.dynamic_slice_in_dim(bits(x), start, size, axis), x.dtype)
+
+
+def pad_channels(x: jax.Array, extra: int) -> jax.Array:
+  """x with `extra` zero channels after its last, on the bits (zero bits are +0.0)."""
+  pad = ((0, 0),) * (x.ndim - 1) + ((0, extra),)
+  return from_bits(jnp.pad(bits(x), pad), x.dtype)
+
+
 def add_at(total: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
   """`total` with `part` added at `start` along `axis` (in place inside a loop body)."""
   axis %= total.ndim

@@ -86,24 +86,29 @@ def _forward(static: scanned_layer.Static, buf, mean, meansq, params, kernels, k
   layer's BatchNorm batch statistics (stacked) and, when `static.save_bottleneck`, each layer's
   1x1 convolution output (stacked; else None)."""
   k = static.spec.growth_rate
+  dtype = buf.dtype
 
   def body(carry, xs):
+    # The buffer is carried as its bits (ops.bits), so that its update is in place.
     buf, mean, meansq = carry
+    buf = ops.from_bits(buf, dtype)
     j, p, key = xs
     offset = static.first_offset + j * k
     piece, y, stats = scanned_layer.layer_forward(static, buf, mean, meansq, dict(p, key=key),
                                                   kernels, j, offset)
-    buf = lax.dynamic_update_slice_in_dim(buf, piece.astype(buf.dtype), offset, _CHANNELS)
+    buf = ops.update_slice(buf, piece, offset, _CHANNELS)
     if static.train:
       m, msq = layer.moments(piece.astype(buf.dtype))
       mean = lax.dynamic_update_slice_in_dim(mean, m, offset, 0)
       meansq = lax.dynamic_update_slice_in_dim(meansq, msq, offset, 0)
-    return (buf, mean, meansq), (stats, y if static.save_bottleneck else None)
+    # The 1x1 outputs are stacked as bits too.
+    saved = ops.bits(y) if static.save_bottleneck else None
+    return (ops.bits(buf), mean, meansq), (stats, saved)
 
   num_layers = keys.shape[0]
   (buf, mean, meansq), (stats, saved) = lax.scan(
-      body, (buf, mean, meansq), (jnp.arange(num_layers), params, keys))
-  return buf, mean, meansq, stats, saved
+      body, (ops.bits(buf), mean, meansq), (jnp.arange(num_layers), params, keys))
+  return ops.from_bits(buf, dtype), mean, meansq, stats, saved
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -134,13 +139,15 @@ def _segment_bwd(static, residuals, cotangents):
   def body(carry, xs):
     d_buf, d_mean, d_meansq, d_kernels = carry
     j, p, key, y = xs
+    if y is not None:
+      y = ops.from_bits(y, static.spec.dtype)
     lp = dict(p, key=key)   # the layer's parameters and its dropout key
     offset = static.first_offset + j * k
     # Gradient of this layer's output: from later layers (and the block's output), plus the
     # part that reached it through the BatchNorm statistics of its channels.
     d_piece = lax.dynamic_slice_in_dim(d_buf, offset, k, _CHANNELS)
     if static.train:
-      piece = lax.dynamic_slice_in_dim(buf_f, offset, k, _CHANNELS).astype(jnp.float32)
+      piece = ops.take_slice(buf_f, offset, k, _CHANNELS).astype(jnp.float32)
       d_piece += (lax.dynamic_slice_in_dim(d_mean, offset, k, 0)
                   + 2.0 * piece * lax.dynamic_slice_in_dim(d_meansq, offset, k, 0)) / count
     d_piece = d_piece.astype(static.spec.dtype)
@@ -262,7 +269,7 @@ def scanned_block(module: nn.Module, x: Array, spec: layer.Spec, keys: Optional[
   for start, end in segment_bounds(in_features, k, num_layers, num_segments):
     width = in_features + end * k
     extra = width - buf.shape[-1]
-    buf = jnp.pad(buf, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    buf = ops.pad_channels(buf, extra)
     if train:
       mean, meansq = jnp.pad(mean, (0, extra)), jnp.pad(meansq, (0, extra))
     else:

@@ -58,7 +58,7 @@ def _chunk_start(static: Static, c, width):
 
 def _chunk(static: Static, x, c, width):
   """Chunk c of x's last (channel) axis, `width` long."""
-  return lax.dynamic_slice_in_dim(x, _chunk_start(static, c, width), static.chunk, x.ndim - 1)
+  return ops.take_slice(x, _chunk_start(static, c, width), static.chunk, x.ndim - 1)
 
 
 def kernel_offset(static: Static, j):

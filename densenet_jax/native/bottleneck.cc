@@ -19,7 +19,9 @@
 //             dK += relu(u)^T @ g   (dx and dK are accumulated in place: aliased operands).
 // The matrix products are oneDNN's dnnl_sgemm, single-threaded in each part (parts.h).
 //
-// The buffer x is float32 or bfloat16 (a bfloat16 model's buffer); everything else, the
+// The buffer x is float32, or a bfloat16 model's buffer passed as its bits in uint16 (the
+// scanned block moves its buffer as bits, models/ops.py, and a bfloat16 operand would make XLA
+// convert them into a copy of the buffer); everything else, the
 // output, the gradients and the arithmetic, is float32. A bfloat16 x is widened as the
 // BatchNorm-ReLU reads it, so the products are float32 ones on bfloat16 inputs: at least as
 // precise as the chunked path's, which rounds the activation and the kernel to bfloat16 and
@@ -131,10 +133,10 @@ DENSENET_NORM_RELU_BACKWARD(float)
 DENSENET_NORM_RELU_BACKWARD(uint16_t)
 
 // Calls f with x's elements typed (float or uint16_t, a bfloat16's bits); the checks have
-// let only those two types through.
+// let only f32 and u16 (bfloat16's bits) through.
 template <typename F>
 void WithElements(const ffi::AnyBuffer& x, F&& f) {
-  if (x.element_type() == ffi::DataType::BF16) {
+  if (x.element_type() != ffi::DataType::F32) {
     f(static_cast<const uint16_t*>(x.untyped_data()));
   } else {
     f(static_cast<const float*>(x.untyped_data()));
@@ -146,7 +148,8 @@ struct Geometry {
 };
 
 // Checks the operands both handlers take, and the output (forward: y; backward: dy), before
-// anything is read past their shapes: x [N, H, W, C], f32 or bf16, a and b [C], kernels [1, 1,
+// anything is read past their shapes: x [N, H, W, C], f32 or u16 (bfloat16's bits), a and
+// b [C], kernels [1, 1,
 // rows, out],
 // width and offset int32 scalars with 1 <= width <= C and offset + width <= rows (as int64, so
 // that no sum of int32s wraps), out [N, H, W, out]. Fills `g` once they pass.
@@ -154,7 +157,9 @@ void CheckGeometry(Checks& c, const ffi::AnyBuffer& x_buffer, Dims a, Dims b, Di
                    const ffi::Buffer<ffi::S32>& width, const ffi::Buffer<ffi::S32>& offset,
                    const std::string& out_name, Dims out, Geometry* g) {
   Dims x = x_buffer.dimensions();
-  if (!(c.Type("x", x_buffer.element_type(), {ffi::DataType::F32, ffi::DataType::BF16}) &&
+  if (!(c.Type("x", x_buffer.element_type(),
+               {ffi::DataType::F32, ffi::DataType::U16},
+               "u16 holding bfloat16's bits") &&
         c.Rank("x", x, 4) && c.Rank("a", a, 1) && c.Rank("b", b, 1) &&
         c.Rank("kernels", kernels, 4) && c.Rank("width", width.dimensions(), 0) &&
         c.Rank("offset", offset.dimensions(), 0) && c.Rank(out_name, out, 4))) {
@@ -273,7 +278,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetBottleneckForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x: the block's buffer, f32 or bf16
+                                  .Arg<ffi::AnyBuffer>()  // x: f32, or bf16's bits (u16)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the flat kernel
@@ -284,7 +289,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetBottleneckForward, ForwardImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DensenetBottleneckBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // x: f32 or bf16
+                                  .Arg<ffi::AnyBuffer>()  // x: f32, or bf16's bits (u16)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b
                                   .Arg<ffi::Buffer<ffi::F32>>()  // the flat kernel

@@ -332,6 +332,13 @@ def _scalar(v):
   return jnp.asarray(v, jnp.int32).reshape(())
 
 
+def _bits(x):
+  """A bfloat16 buffer as its bits (uint16), which bottleneck.cc reads as bfloat16. A scanned
+  block moves its buffer as bits (models/ops.py); a bfloat16 operand would make XLA convert
+  them into a copy of the buffer for the call, where this conversion back folds away."""
+  return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
 def bottleneck_forward(x: jax.Array, a: jax.Array, b: jax.Array, kernels: jax.Array, width,
                        offset) -> jax.Array:
   """relu(x[..., :width] * a[:width] + b[:width]) convolved with the 1x1 kernel
@@ -351,7 +358,7 @@ def bottleneck_forward(x: jax.Array, a: jax.Array, b: jax.Array, kernels: jax.Ar
     out = jax.ShapeDtypeStruct(x.shape[:3] + kernels.shape[3:], jnp.float32)
     return (_call('bottleneck_forward', out, x, a, b, kernels, width, offset),)
 
-  return shards.split(call, x, a, b, kernels, _scalar(width), _scalar(offset),
+  return shards.split(call, _bits(x), a, b, kernels, _scalar(width), _scalar(offset),
                       batched=(True,) + (False,) * 5, outputs=(shards.BATCH,))[0]
 
 
@@ -374,7 +381,7 @@ def bottleneck_backward(x, a, b, kernels, width, offset, dy, dx, dkernels):
   many rows as x has channels) and a zero gradient for it, and the summed window is added to
   `dkernels`. Summing all of `dkernels` would move a block's every kernel once per layer.
   """
-  width, offset = _scalar(width), _scalar(offset)
+  x, width, offset = _bits(x), _scalar(width), _scalar(offset)
   batched = (True, False, False, False, False, False, True, True, False)
   outputs = (shards.BATCH, shards.SUM, shards.SUM, shards.SUM)
   if shards.batch_axes(x, dy, dx) is None:

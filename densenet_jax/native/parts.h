@@ -43,6 +43,7 @@ inline std::string TypeName(ffi::DataType type) {
     case ffi::DataType::F16: return "f16";
     case ffi::DataType::F64: return "f64";
     case ffi::DataType::S32: return "s32";
+    case ffi::DataType::U16: return "u16";
     default: return "element type " + std::to_string(static_cast<int>(type));
   }
 }
