@@ -45,9 +45,18 @@ def test_max_pool_equals_flax(size, ties):
 
 
 def test_max_pool_keeps_bfloat16():
-  x = jnp.ones((1, 6, 6, 2), jnp.bfloat16)
-  y, dx = _vjp(lambda x: pooling.max_pool(x, 3, 2, 1), x, jnp.ones((1, 3, 3, 2), jnp.bfloat16))
+  """bfloat16 in and out, though computed in float32: the same maxima and gradient as Flax's
+  bfloat16 max pool, ties (after a ReLU) included."""
+  rng = np.random.default_rng(0)
+  x = jnp.maximum(jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.bfloat16), 0.3)
+  g = jnp.asarray(rng.standard_normal((2, 5, 5, 3)), jnp.bfloat16)
+  y, dx = _vjp(lambda x: pooling.max_pool(x, 3, 2, 1), x, g)
   assert y.dtype == dx.dtype == jnp.bfloat16
+  reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  y_ref, dx_ref = _vjp(reference, x, g)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32),
+                             rtol=1e-2, atol=1e-2)
 
 
 def _assert_same_vjp(ours, reference, args, g):
@@ -138,7 +147,9 @@ def test_slices_on_bits_equal_lax(dtype):
   assert updated.dtype == total.dtype
   same(jax.jit(ops.take_slice, static_argnums=(2, 3))(total, start, 4, 3),
        lax.dynamic_slice_in_dim(total, 5, 4, 3))
-  same(ops.pad_channels(total, 3), jnp.pad(total, ((0, 0),) * 3 + ((0, 3),)))
+  padding = ((0, 0, 0), (1, 2, 1), (0, 0, 0), (0, 3, 0))
+  for value in (0.0, -jnp.inf):
+    same(ops.pad(total, padding, value), lax.pad(total, jnp.asarray(value, dtype), padding))
   bits = ops.bits(total)
   assert bits.dtype == (jnp.float32 if dtype == 'float32' else jnp.uint16)
   same(ops.from_bits(bits, total.dtype), total)

@@ -205,10 +205,11 @@ def take_slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
   return from_bits(lax.dynamic_slice_in_dim(bits(x), start, size, axis), x.dtype)
 
 
-def pad_channels(x: jax.Array, extra: int) -> jax.Array:
-  """x with `extra` zero channels after its last, on the bits (zero bits are +0.0)."""
-  pad = ((0, 0),) * (x.ndim - 1) + ((0, extra),)
-  return from_bits(jnp.pad(bits(x), pad), x.dtype)
+def pad(x: jax.Array, padding, value=0.0) -> jax.Array:
+  """`lax.pad(x, value, padding)` on the bits (a padded bfloat16 array is otherwise made in
+  float32, and rounded to bfloat16 again by each reader)."""
+  value = jnp.asarray(value, x.dtype)
+  return from_bits(lax.pad(bits(x), bits(value), padding), x.dtype)
 
 
 def add_at(total: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:

@@ -39,12 +39,13 @@ def _max_pool_geometry(x, window, stride, padding):
 
 
 def _max_pool(x, window, stride, padding):
-  x_padded, out_h, out_w = _max_pool_geometry(x, window, stride, padding)
+  # In float32, exact for bfloat16 inputs: see _max_pool_bwd.
+  x_padded, out_h, out_w = _max_pool_geometry(x.astype(jnp.float32), window, stride, padding)
   views = [view for _, view in _window_views(x_padded, window, stride, out_h, out_w)]
   y = views[0]
   for view in views[1:]:
     y = jnp.maximum(y, view)
-  return y
+  return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -65,7 +66,13 @@ def _max_pool_fwd(x, window, stride, padding):
 
 
 def _max_pool_bwd(window, stride, padding, residuals, g):
-  x, y = residuals
+  # Compared in float32: XLA:CPU widens bfloat16 operations to float32 and rounds the result
+  # back after each, and this fusion reads every window offset's view several times
+  # (densenet121's memory-efficient step spent 10x as long here in bfloat16). Maxima and
+  # comparisons of bfloat16 values are exact in float32.
+  dtype = residuals[0].dtype
+  x, y = (v.astype(jnp.float32) for v in residuals)
+  g = g.astype(jnp.float32)
   x_padded, out_h, out_w = _max_pool_geometry(x, window, stride, padding)
   taken = jnp.zeros(y.shape, bool)
   dx_padded = jnp.zeros(x_padded.shape, g.dtype)
@@ -81,7 +88,7 @@ def _max_pool_bwd(window, stride, padding, residuals, g):
          (j, x_padded.shape[2] - j - stride * (out_w - 1) - 1, stride - 1),
          (0, 0, 0)))
   dx = dx_padded[:, padding:padding + x.shape[1], padding:padding + x.shape[2]]
-  return (dx,)
+  return (dx.astype(dtype),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -269,7 +269,7 @@ def scanned_block(module: nn.Module, x: Array, spec: layer.Spec, keys: Optional[
   for start, end in segment_bounds(in_features, k, num_layers, num_segments):
     width = in_features + end * k
     extra = width - buf.shape[-1]
-    buf = ops.pad_channels(buf, extra)
+    buf = ops.pad(buf, ((0, 0, 0),) * 3 + ((0, extra, 0),))
     if train:
       mean, meansq = jnp.pad(mean, (0, extra)), jnp.pad(meansq, (0, extra))
     else:
