@@ -5,14 +5,17 @@
     python benchmarks/ab.py --model=densenet121 --batch_size=8 \\
         --variants='memory_efficient=False;memory_efficient=True'
     python benchmarks/ab.py --model=densenet_bc --overrides=depth=40,growth_rate=12 \\
-        --variants='dtype=float32;dtype=bfloat16'
+        --variants='dtype=float32;dtype=bfloat16' --processes=3
 
 On a shared machine one step's speed drifts by 10-20% within minutes (see the README's
 Performance section), more than most single changes: variants measured one after another
 compare the machine's minutes as much as the variants. Here every variant is compiled first,
 then each round times one train step of every variant in turn, so that drift falls on all of
 them alike. The table gives each variant's median and fastest step, images/s, compiled temp
-memory and its median's ratio to the first variant's.
+memory and its median's ratio to the first variant's. Variants whose memory differs much (dtypes,
+modes) take turns in the allocator that way, which favours the smaller one: compare them with
+`--processes=N`, N rounds of one fresh process per variant in turn (each the median of
+`--steps` steps), with each round's ratio to the first variant.
 
 A variant is a comma-separated list of FIELD=VALUE settings of `create_model` (DenseNet fields,
 and depth for CIFAR families), values as Python literals (True, 32, 0.5) or dtype names
@@ -27,7 +30,11 @@ huge-page tunable (densenet_jax/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it 
 
 import ast
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 from absl import app
@@ -44,6 +51,9 @@ _VARIANTS = flags.DEFINE_string(
     'Variants separated by ";", each FIELD=VALUE,... (the first is the baseline).')
 _STEPS = flags.DEFINE_integer('steps', 8, 'Timed rounds, after one warm-up round.')
 _JSON = flags.DEFINE_string('json', None, 'Write the results here as JSON.')
+_PROCESSES = flags.DEFINE_integer(
+    'processes', 0, 'If > 0: this many rounds, each timing every variant in turn in a fresh '
+    'process of its own, instead of interleaving the steps in one process.')
 
 
 def parse_settings(text: str) -> dict:
@@ -65,20 +75,68 @@ def parse_settings(text: str) -> dict:
   return settings
 
 
+def _in_processes(names):
+  """--processes: rounds of one fresh process per variant, in turns. Interleaved steps in one
+  process favour the variant with less memory: the programs' buffers take turns in the
+  allocator, and a bfloat16 step measured that way took 0.56-0.71x float32's against 0.71-0.91x
+  in processes of their own (docs/performance.md, "bfloat16")."""
+  medians = {name: [] for name in names}
+  temp = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for round_ in range(_PROCESSES.value):
+      for i, name in enumerate(names):
+        out = os.path.join(tmp, f'{round_}-{i}.json')
+        argv = [sys.executable, os.path.abspath(__file__), f'--model={_MODEL.value}',
+                f'--batch_size={_BATCH.value}', f'--overrides={_OVERRIDES.value}',
+                f'--variants={name}', f'--steps={_STEPS.value}', f'--json={out}']
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+          result = json.load(f)[0]
+        medians[name].append(result['median_ms'])
+        temp[name] = result['temp_mib']
+      print(f'round {round_ + 1}: ' + ', '.join(
+          f'{name or "(as named)"} {medians[name][-1]:.1f} ms' for name in names), flush=True)
+  first = medians[names[0]]
+  print(f'{_MODEL.value} {_OVERRIDES.value}, batch {_BATCH.value}, {_PROCESSES.value} rounds '
+        f'of fresh processes, each the median of {_STEPS.value} steps')
+  print('| variant | median ms per round | temp MiB | vs first per round |\n|---|---|---|---|')
+  results = []
+  for name in names:
+    ratios = [m / f for m, f in zip(medians[name], first)]
+    results.append(dict(variant=name or '(as named)', median_ms=medians[name],
+                        temp_mib=temp[name], ratio=ratios))
+    print(f"| {name or '(as named)'} | {' / '.join(f'{m:.1f}' for m in medians[name])} | "
+          f"{temp[name]:.0f} | {' / '.join(f'{r:.3f}' for r in ratios)} |")
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+def _variants(names):
+  """Each variant's (model, onednn, fused), every one built, and so validated, at once."""
+  from densenet_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  base = parse_settings(_OVERRIDES.value)
+  variants = []
+  for name in names:
+    s = {**base, **parse_settings(name)}
+    flags_ = s.pop('onednn', True), s.pop('fused', True)
+    variants.append((create_model(_MODEL.value, **s), *flags_))
+  return variants
+
+
 def main(argv):
   del argv
+  names = [v.strip() for v in _VARIANTS.value.split(';')]
+  if _PROCESSES.value > 0:
+    _variants(names)   # a bad variant fails here, before any process starts
+    _in_processes(names)
+    return
   hugepages.restart_with_hugepages()
   import jax  # pylint: disable=g-import-not-at-top
-  from densenet_jax.models import create_model
-  from densenet_jax.native import onednn
+  from densenet_jax.native import onednn  # pylint: disable=g-import-not-at-top
 
-  base = parse_settings(_OVERRIDES.value)
-  names = [v.strip() for v in _VARIANTS.value.split(';')]
-  settings = [{**base, **parse_settings(v)} for v in names]
-  use_onednn = [s.pop('onednn', True) for s in settings]
-  use_fused = [s.pop('fused', True) for s in settings]
   # Every variant is built (and so validated) before anything compiles.
-  models = [create_model(_MODEL.value, **s) for s in settings]
+  models, use_onednn, use_fused = zip(*_variants(names))
   runs = []
   for name, model, flag, fused in zip(names, models, use_onednn, use_fused):
     onednn.set_enabled(flag)   # read when the step is traced

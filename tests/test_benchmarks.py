@@ -36,11 +36,24 @@ def test_ab_times_every_variant_against_the_first(tmp_path):
   assert '| scan_chunk=4,memory_efficient=True |' in proc.stdout
 
 
-def test_ab_rejects_a_bad_variant_before_compiling():
-  proc = _ab('--variants=scan_chunk=64;scan_chunk=0')
+def test_ab_in_fresh_processes_gives_each_round_its_ratio(tmp_path):
+  out = tmp_path / 'ab.json'
+  proc = _ab('--variants=;dtype=bfloat16', '--steps=1', '--processes=2', f'--json={out}')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  results = json.loads(out.read_text())
+  assert [r['variant'] for r in results] == ['(as named)', 'dtype=bfloat16']
+  assert results[0]['ratio'] == [1.0, 1.0]
+  assert len(results[1]['median_ms']) == 2 and all(m > 0 for m in results[1]['median_ms'])
+  assert 'round 2:' in proc.stdout and '| dtype=bfloat16 |' in proc.stdout
+
+
+@pytest.mark.parametrize('processes', [0, 2])
+def test_ab_rejects_a_bad_variant_before_compiling(processes):
+  proc = _ab('--variants=scan_chunk=64;scan_chunk=0', f'--processes={processes}')
   assert proc.returncode != 0
   assert 'scan_chunk' in proc.stderr and 'compiled' not in proc.stdout
-  proc = _ab('--variants=growth=4')
+  assert 'round' not in proc.stdout
+  proc = _ab('--variants=growth=4', f'--processes={processes}')
   assert proc.returncode != 0 and 'growth' in proc.stderr
 
 

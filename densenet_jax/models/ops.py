@@ -176,8 +176,8 @@ def zero_after(g: jax.Array) -> jax.Array:
 # arithmetic and widens every operation on such an array to float32, data movement included: a
 # dynamic-update-slice of a bfloat16 buffer becomes the whole buffer converted to float32, the
 # update, and the whole buffer converted back, so that the update of a block's buffer inside its
-# loop, in place for float32, rewrote the buffer twice per layer (docs/performance.md,
-# "bfloat16"). On uint16 the same update is in place. The bits are the values, on every platform.
+# loop, in place for float32, rewrote the buffer twice per layer (docs/design.md, "The feature
+# buffer"). On uint16 the same update is in place. The bits are the values, on every platform.
 
 def bits(x: jax.Array) -> jax.Array:
   """x's elements as unsigned integers of their width where x is a 16-bit float, else x."""
