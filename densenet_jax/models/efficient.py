@@ -145,7 +145,8 @@ def _chunk_inputs(static: _Chunked, c, x, scale, bias, mean, var, kernel):
   start = ops.chunk_start(c, static.chunk, width)
   new = ops.chunk_is_new(c, static.chunk, width)
   sl = lambda v, axis: lax.dynamic_slice_in_dim(v, start, static.chunk, axis)
-  return (ops.take_slice(x, start, static.chunk, 3), jnp.where(new, sl(scale, 0), 0.0), jnp.where(new, sl(bias, 0), 0.0),
+  x_c = ops.take_slice(x, start, static.chunk, 3)   # on the bits of a bfloat16 x
+  return (x_c, jnp.where(new, sl(scale, 0), 0.0), jnp.where(new, sl(bias, 0), 0.0),
           sl(mean, 0), sl(var, 0), jnp.where(new[:, None], sl(kernel, 2), 0.0)), start
 
 
