@@ -76,10 +76,8 @@ def parse_settings(text: str) -> dict:
 
 
 def _in_processes(names):
-  """--processes: rounds of one fresh process per variant, in turns. Interleaved steps in one
-  process favour the variant with less memory: the programs' buffers take turns in the
-  allocator, and a bfloat16 step measured that way took 0.56-0.71x float32's against 0.71-0.91x
-  in processes of their own (docs/performance.md, "bfloat16")."""
+  """--processes: rounds of one fresh process per variant, in turns (why: the module
+  docstring; figures in docs/performance.md, "bfloat16")."""
   medians = {name: [] for name in names}
   temp = {}
   with tempfile.TemporaryDirectory() as tmp:
