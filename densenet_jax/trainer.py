@@ -26,6 +26,7 @@ from densenet_jax import metric_writer
 from densenet_jax import optimization
 from densenet_jax import paths
 from densenet_jax import pretrained
+from densenet_jax import provenance
 from densenet_jax import records
 from densenet_jax import run_guard
 from densenet_jax import train_lib
@@ -274,10 +275,12 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
                                             state_shardings, mesh)
 
   writer = metric_writer.create(workdir, just_logging=jax.process_index() > 0)
+  run_provenance = provenance.describe()
   if config.eval_only:
     eval_metrics = evaluate(p_eval, state, config, plan, mesh)
     writer.write_scalars(start_step, eval_metrics)
-    records.write_results(workdir, start_step, eval_metrics, config)
+    records.write_results(workdir, start_step, eval_metrics, config,
+                          run_provenance=run_provenance)
     checkpointer.close()
     return {'step': start_step, **eval_metrics}
   if start_step == 0:
@@ -292,7 +295,7 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
       'params': sum(x.size for x in jax.tree.leaves(state.params)),
       'gmacs': family.gmacs(model, info.image_shape[0], info.image_shape[-1]),
       'steps_per_epoch': plan.steps_per_epoch, 'global_batch': plan.global_batch,
-      'model': model_description(model)})
+      'model': model_description(model), 'provenance': run_provenance})
   timer.write(start_step)
   eval_seconds = 0.0  # Spent evaluating since the last log point: not training time.
   last_log = time.perf_counter()
