@@ -10,7 +10,9 @@ points, each a dict from a dotted config field to a value (see densenet_jax/hype
 `p` runs `train.py` with the config file, `--config.FIELD=VALUE` for each of its fields, and
 its own workdir DIR/<name>, the name made of the swept values ('growth_rate=12,compression=0.5').
 So every point resumes, writes results.json and TensorBoard events, like any run. `--config.X=Y`
-flags given to the sweep apply to every point.
+flags given to the sweep apply to every point. `--seeds=N` runs every configuration N times,
+with seeds config.seed + 0 .. N-1 ('growth_rate=12,compression=0.5,seed=1'), and the report
+gives each configuration's mean and 95 % interval over its seeds.
 
 Every point's config is checked (the same checks as train.py) before the first one starts.
 Locally the points run one after another: rerunning the command skips finished points (those
@@ -59,6 +61,8 @@ _CPUS = flags.DEFINE_integer('cpus_per_task', None, 'CPUs per task (SLURM defaul
 _TIME = flags.DEFINE_integer('time_min', 24 * 60, 'Time limit of each point, minutes.')
 _PARALLEL = flags.DEFINE_integer('array_parallelism', 16, 'Points running at once (SLURM).')
 _WAIT = flags.DEFINE_bool('wait', True, 'slurm: wait for the jobs, then write the report.')
+_SEEDS = flags.DEFINE_integer('seeds', 1, 'Runs of every configuration, with seeds config.seed '
+                              '+ 0 .. N-1; the report gives their mean and spread.')
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'train.py')
@@ -124,6 +128,26 @@ def load_points(config_arg: str) -> List[Dict[str, Any]]:
     raise SweepError(f'{path}: get_sweep({arg!r}) must return a non-empty list of dicts from '
                      f'a dotted config field to a value, got {type(points).__name__}.')
   return [dict(p) for p in points]
+
+
+def with_seeds(points: List[Dict[str, Any]], seeds: int, base_seed: int
+               ) -> List[Dict[str, Any]]:
+  """Each point run `seeds` times, with 'seed' set to base_seed + 0 .. seeds-1.
+
+  The seed changes initialisation, data order, augmentation and dropout. Every configuration's
+  first seed comes before any second one, so that a study stopped halfway has every
+  configuration at least once. The names are those of a sweep config that sweeps `seed` itself.
+
+  Raises:
+    SweepError: for seeds < 1, or seeds > 1 with a sweep config that already sets `seed`.
+  """
+  if seeds < 1:
+    raise SweepError(f'--seeds={seeds}: expected 1 or more runs per configuration.')
+  if seeds == 1:
+    return points
+  if any('seed' in p for p in points):
+    raise SweepError(f'--seeds={seeds}, but the sweep config already sweeps seed: use one.')
+  return [{**p, 'seed': base_seed + i} for i in range(seeds) for p in points]
 
 
 def _format_value(value) -> str:
@@ -204,6 +228,7 @@ class Sweep:
   workdir: str
   points: List[Point]
   common: Dict[str, Any]
+  seeds: int = 1
 
   def point_workdir(self, point: Point) -> str:
     return os.path.join(self.workdir, point.name)
@@ -219,12 +244,12 @@ class Sweep:
   def save(self) -> None:
     """DIR/sweep.json, written whole."""
     records.write_json(os.path.join(self.workdir, SWEEP_JSON), {
-        'config': self.config_arg, 'common_overrides': self.common,
+        'config': self.config_arg, 'common_overrides': self.common, 'seeds': self.seeds,
         'points': [p.record() for p in self.points]})
 
 
 def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
-                device_count: int, process_count: int) -> Sweep:
+                device_count: int, process_count: int, seeds: int = 1) -> Sweep:
   """Loads the sweep's points and checks every one before any runs.
 
   Args:
@@ -234,11 +259,12 @@ def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
     common: dotted field -> value given to the sweep for every point.
     device_count, process_count: of the runs the points will be (not of this process when the
       points run elsewhere).
+    seeds: runs of every configuration (`with_seeds`).
 
   Raises:
     SweepError: naming the first point that cannot run, and why.
   """
-  raw = load_points(config_arg)
+  raw = with_seeds(load_points(config_arg), seeds, config.seed)
   points = [Point(i, name, overrides) for i, (name, overrides)
             in enumerate(zip(point_names(raw), raw))]
   for point in points:
@@ -248,7 +274,7 @@ def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
       parse_train_flags(config_arg, override_args(common) + override_args(point.overrides))
     except (SweepError, validation.ConfigError) as e:
       raise SweepError(f'{label}: {e}') from None
-  return Sweep(config_arg, os.path.abspath(workdir), points, common)
+  return Sweep(config_arg, os.path.abspath(workdir), points, common, seeds)
 
 
 def _restore_states(sweep: Sweep) -> None:
@@ -294,7 +320,8 @@ def main(argv):
   else:
     devices, processes = jax.device_count(), jax.process_count()
   try:
-    sweep = build_sweep(config_arg, _CONFIG.value, _WORKDIR.value, common, devices, processes)
+    sweep = build_sweep(config_arg, _CONFIG.value, _WORKDIR.value, common, devices, processes,
+                        _SEEDS.value)
   except SweepError as e:
     sys.exit(f'Sweep config error: {e}')
   if _LAUNCHER.value != 'print' and not os.path.isfile(TRAIN_PY):

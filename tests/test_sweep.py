@@ -88,7 +88,7 @@ def test_ablation_configs_declare_their_studies():
   from configs.ablations import growth_compression  # pylint: disable=g-import-not-at-top
   from configs.ablations import variants  # pylint: disable=g-import-not-at-top
   full = growth_compression.get_sweep()
-  assert len(full) == 12 and len(growth_compression.get_sweep('cpu')) == 6
+  assert len(full) == 12 and len(growth_compression.get_sweep('cpu')) == 4
   assert {p['model.compression'] for p in full} == {0.25, 0.5, 0.75, 1.0}
   points = variants.get_sweep('cpu')
   kinds = {(p['model.bottleneck'], p['model.compression']) for p in points}
