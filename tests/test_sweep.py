@@ -138,9 +138,15 @@ def test_sweep_runs_reruns_and_reports_failures(sweep_file, tmp_path):
   assert state['points'][2]['overrides'] == {'model.growth_rate': 4, 'lr_decay_factor': 1e30}
   assert 'Loss is' in state['points'][2]['error']
 
-  # The table has a row per point, the swept fields, and the failure.
-  with open(workdir / 'results.csv') as f:
+  # The runs' table has a row per point, the swept fields, and the failure; with one seed the
+  # configurations' table has the same rows, and no spread.
+  with open(workdir / 'runs.csv') as f:
     rows = list(csv.DictReader(f))
+  with open(workdir / 'results.csv') as f:
+    configurations = list(csv.DictReader(f))
+  assert [c['name'] for c in configurations] == [r['name'] for r in rows]
+  assert [c['seeds'] for c in configurations] == ['1', '1', '0']
+  assert configurations[0]['test_error_mean'] and not configurations[0]['test_error_ci95']
   assert [r['name'] for r in rows] == [
       'growth_rate=4,lr_decay_factor=0.1', 'growth_rate=6,lr_decay_factor=0.1', failed_name]
   for column in ('model.growth_rate', 'lr_decay_factor', *report.FIXED_COLUMNS):
@@ -152,6 +158,15 @@ def test_sweep_runs_reruns_and_reports_failures(sweep_file, tmp_path):
   assert float(done[0]['train_seconds']) > 0 and float(done[0]['train_images_per_second']) > 0
   assert float(done[0]['best_eval_top1']) >= float(done[0]['eval_top1']) > 0
   assert rows[2]['status'].startswith('failed: Training stopped: Loss is nan')
+  # What produced each run, as a reviewer needs it.
+  produced = json.loads((workdir / rows[0]['name'] / 'results.json').read_text())['provenance']
+  for field in ('commit', 'dirty', 'versions', 'python', 'platform', 'device_kind',
+                'device_count', 'process_count', 'command', 'started', 'finished'):
+    assert field in produced, field
+  assert produced['versions']['jax'] and produced['device_count'] == 1
+  assert produced['command'][0].endswith('train.py') and produced['commit'] is not None
+  assert rows[0]['commit'] == produced['commit'][:10] + (
+      f'+{produced["diff_hash"]}' if produced['dirty'] else '')
   for figure in ('error_vs_params.png', 'error_vs_gmacs.png', 'curves.png',
                  'feature_reuse.png'):
     assert (workdir / figure).stat().st_size > 1000, figure
