@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from densenet_jax import paths
 from densenet_jax import records
 
 FIXED_COLUMNS = ('params', 'gmacs', 'train_seconds', 'train_images_per_second', 'step',
@@ -145,6 +146,9 @@ def write_table(rows: List[Dict[str, Any]], sweep_dir: str) -> List[str]:
 
 def write_report(sweep_dir: str) -> Dict[str, Any]:
   """Writes the table, report.md and every figure that the rows allow; returns what it wrote."""
+  if paths.is_remote(sweep_dir):  # Built on a local copy, then uploaded (staging.py).
+    from densenet_jax import staging  # pylint: disable=g-import-not-at-top
+    return staging.write_report(sweep_dir, write_report)
   from densenet_jax import figures  # pylint: disable=g-import-not-at-top
   rows = collect(sweep_dir)
   if not rows:
@@ -180,7 +184,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir = flags.FLAGS.workdir
-  if not os.path.isdir(workdir):
+  if not paths.resolve(workdir).is_dir():
     raise app.UsageError(f'--workdir={workdir}: no such directory.')
   try:
     write_report(workdir)
