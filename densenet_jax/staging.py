@@ -20,7 +20,7 @@ import re
 import shutil
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
 
@@ -125,7 +125,7 @@ def _download(remote: paths.Path, local: str, depth: int) -> Dict[str, Tuple[int
 
 
 def _upload_written(local: str, remote: paths.Path,
-                    copied: Dict[str, Tuple[int, int]]) -> list:
+                    copied: Dict[str, Tuple[int, int]]) -> List[str]:
   """Uploads every file under `local` that is new or changed since the download."""
   uploaded = []
   for directory, _, names in os.walk(local):
