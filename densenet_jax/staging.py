@@ -95,6 +95,8 @@ class PointLog:
     self.upload()
     if self._uploaded == self._stamp():  # Kept if the upload failed: nothing is lost.
       os.remove(self.local)
+      with contextlib.suppress(OSError):  # Only if empty (another log of the point may be).
+        os.rmdir(os.path.dirname(self.local))
 
 
 def origin(path: str) -> str:

@@ -87,7 +87,7 @@ def test_point_log_is_uploaded_while_running_and_keeps_every_session(bucket, mon
     assert lines.count('Training stopped: boom') == session
   assert texts[1].startswith(texts[0])                    # Appended, as a local log is.
   assert paths.read_json(f'{workdir}/sweep.json')['points'][0]['state'] == 'failed'
-  assert not os.path.exists(os.path.join(staging.cache_dir(f'{workdir}/p'), 'train.log'))
+  assert not os.path.exists(staging.cache_dir(f'{workdir}/p'))   # The cache is removed.
   last_line = launchers._last_line  # pylint: disable=protected-access
   assert last_line(str(log)) == 'Training stopped: boom'   # As run_slurm reads it.
   assert no_local_gs_folder()
