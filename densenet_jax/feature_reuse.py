@@ -26,6 +26,7 @@ from absl import flags
 import numpy as np
 
 from densenet_jax import paths
+from densenet_jax import staging
 
 
 def supports(model: Optional[Dict[str, Any]]) -> bool:
@@ -81,7 +82,8 @@ def normalise_columns(matrix: np.ndarray) -> np.ndarray:
 def load_params(workdir: str) -> Dict[str, Any]:
   """The parameters of the newest complete checkpoint in WORKDIR/checkpoints."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = paths.resolve(workdir) / 'checkpoints'  # Local or gs://.
+  # Local or gs://; a run staged locally for the report has no checkpoints: read its origin's.
+  directory = paths.resolve(staging.origin(workdir)) / 'checkpoints'
   # On an object store Orbax writes a step in place and marks it complete last.
   complete = ((lambda p: (p / 'commit_success.txt').exists()) if paths.is_remote(directory)
               else (lambda p: True))

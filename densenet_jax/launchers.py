@@ -1,19 +1,21 @@
 """How a sweep's points run: one after another here, or as a SLURM job array via submitit.
 
 Each point is its train.py command (`sweep.Sweep.command`), its output appended to
-DIR/<point>/train.log. A point is done when its results.json exists; its progress is read from
-its progress.json.
+DIR/<point>/train.log (for a gs:// DIR, to a local copy uploaded at every poll: staging.py).
+A point is done when its results.json exists; its progress is read from its progress.json.
 """
 
 import os
 import shlex
 import subprocess
 import time
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 from absl import logging
 
+from densenet_jax import paths
 from densenet_jax import records
+from densenet_jax import staging
 
 if TYPE_CHECKING:  # Only for annotations: sweep imports this module.
   from densenet_jax import sweep as sweep_lib  # pylint: disable=g-bad-import-order
@@ -21,11 +23,11 @@ if TYPE_CHECKING:  # Only for annotations: sweep imports this module.
 
 def _last_line(log_path: str) -> str:
   """The last non-empty line of a point's log: the error it stopped with."""
-  try:
-    with open(log_path, errors='replace') as f:
-      lines = [line.strip() for line in f.readlines()[-200:] if line.strip()]
+  try:  # Local, or the uploaded log of a point that ran elsewhere.
+    text = paths.read_bytes(log_path).decode(errors='replace')
   except OSError:
     return 'no log'
+  lines = [line.strip() for line in text.splitlines()[-200:] if line.strip()]
   return lines[-1][:1000] if lines else 'no output'
 
 
@@ -80,6 +82,21 @@ def start_point(command: Sequence[str], log_path: str) -> subprocess.Popen:
     return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
 
 
+def _wait(proc: subprocess.Popen, log: staging.PointLog, poll_seconds: float,
+          on_poll: Optional[Callable[[], None]] = None) -> int:
+  """A point's exit status; its log is uploaded (if remote) every `poll_seconds` meanwhile."""
+  while True:
+    try:
+      return proc.wait(timeout=poll_seconds)
+    except subprocess.TimeoutExpired:
+      log.upload()
+      try:  # Only a display: a failed read of a remote progress.json must not stop the point.
+        if on_poll is not None:
+          on_poll()
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('Could not show the progress (%s: %s).', type(e).__name__, str(e)[:200])
+
+
 def run_local(sweep: 'sweep_lib.Sweep', poll_seconds: float) -> List['sweep_lib.Point']:
   """Runs the unfinished points one after another; returns the failed ones."""
   progress = _Progress(sweep)
@@ -90,20 +107,17 @@ def run_local(sweep: 'sweep_lib.Sweep', poll_seconds: float) -> List['sweep_lib.
       continue
     point.state, point.error = 'running', None
     sweep.save()
-    log_path = os.path.join(sweep.point_workdir(point), 'train.log')
+    log = staging.PointLog(sweep.point_workdir(point))
     logging.info('Point %d/%d %s: running (log: %s).', point.index + 1, len(sweep.points),
-                 point.name, log_path)
-    proc = start_point(sweep.command(point), log_path)
+                 point.name, log.path)
+    proc = start_point(sweep.command(point), log.local)
     try:
-      while True:
-        try:
-          returncode = proc.wait(timeout=poll_seconds)
-          break
-        except subprocess.TimeoutExpired:
-          logging.info('%s', progress.line(point))
+      returncode = _wait(proc, log, poll_seconds,
+                         lambda p=point: logging.info('%s', progress.line(p)))
     except BaseException:  # Ctrl-C or SIGTERM: stop the point (it checkpoints), then exit.
       proc.terminate()
       proc.wait()
+      log.close()
       point.state = 'interrupted'
       sweep.save()
       raise
@@ -113,10 +127,11 @@ def run_local(sweep: 'sweep_lib.Sweep', poll_seconds: float) -> List['sweep_lib.
       logging.info('%s', progress.line(point, f'done, eval_top1 {result.get("eval_top1")}'))
     else:
       point.state = 'failed'
-      point.error = (_last_line(log_path) if returncode else
+      point.error = (_last_line(log.local) if returncode else
                      'stopped before finishing (preempted); rerun to resume')
       logging.error('Point %d/%d %s failed: %s', point.index + 1, len(sweep.points),
                     point.name, point.error)
+    log.close()
     sweep.save()
   return [p for p in sweep.points if p.state == 'failed']
 
@@ -139,12 +154,16 @@ def run_slurm(sweep: 'sweep_lib.Sweep', *, cluster: Optional[str] = 'slurm', wai
   todo = [p for p in sweep.points if p.state != 'done']
   if not todo:
     return []
-  executor = submitit.AutoExecutor(folder=os.path.join(sweep.workdir, 'submitit', '%j'),
+  # submitit's pickles and logs need a file system shared with the nodes, not an object store:
+  # for a gs:// sweep, ./submitit/<sweep> where the sweep is started.
+  folder = (os.path.join('submitit', os.path.basename(staging.cache_dir(sweep.workdir)))
+            if paths.is_remote(sweep.workdir) else os.path.join(sweep.workdir, 'submitit'))
+  executor = submitit.AutoExecutor(folder=os.path.join(os.path.abspath(folder), '%j'),
                                    cluster=cluster)
   executor.update_parameters(name=os.path.basename(sweep.workdir), **parameters)
   commands = [sweep.command(p) for p in todo]
-  logs = [os.path.join(sweep.point_workdir(p), 'train.log') for p in todo]
-  jobs = executor.map_array(_run_point_checked, commands, logs)
+  point_dirs = [sweep.point_workdir(p) for p in todo]  # Each task keeps its log there.
+  jobs = executor.map_array(_run_point_checked, commands, point_dirs)
   for point, job in zip(todo, jobs):
     point.state, point.job_id, point.error = 'submitted', str(job.job_id), None
     logging.info('Point %d/%d %s: submitted as job %s.', point.index + 1, len(sweep.points),
@@ -152,19 +171,34 @@ def run_slurm(sweep: 'sweep_lib.Sweep', *, cluster: Optional[str] = 'slurm', wai
   sweep.save()
   if not wait:
     return []
-  for point, job, log in zip(todo, jobs, logs):
+  for point, job, point_dir in zip(todo, jobs, point_dirs):
     try:
       job.result()
       point.state = 'done' if sweep.is_done(point) else 'failed'
       point.error = None if point.state == 'done' else 'stopped before finishing; resubmit'
     except Exception as e:  # pylint: disable=broad-except
+      log = os.path.join(point_dir, staging.LOG)
       point.state, point.error = 'failed', _last_line(log) or str(e)[-1000:]
     sweep.save()
   return [p for p in sweep.points if p.state == 'failed']
 
 
-def _run_point_checked(command: Sequence[str], log_path: str) -> None:
-  """A job array task: one point's train.py (in every task of a multi-node job)."""
-  returncode = start_point(command, log_path).wait()
+def _run_point_checked(command: Sequence[str], point_dir: str) -> None:
+  """A job array task: one point's train.py (in every task of a multi-node job).
+
+  The tasks of a multi-node point append to one local train.log on a shared file system; on
+  an object store each uploads its own (train.log for the first, train.task<i>.log).
+  """
+  name = staging.LOG
+  if paths.is_remote(point_dir):
+    import submitit  # pylint: disable=g-import-not-at-top
+    rank = submitit.JobEnvironment().global_rank
+    name = staging.LOG if rank == 0 else f'train.task{rank}.log'
+  log = staging.PointLog(point_dir, name)
+  try:
+    returncode = _wait(start_point(command, log.local), log, 30.0)
+    error = _last_line(log.local)
+  finally:
+    log.close()
   if returncode:
-    raise RuntimeError(f'train.py exited with status {returncode}: {_last_line(log_path)}')
+    raise RuntimeError(f'train.py exited with status {returncode}: {error}')

@@ -69,10 +69,24 @@ def display(path: PathLike) -> str:
   return os.fspath(path)
 
 
+def read_bytes(path: PathLike) -> bytes:
+  """The contents of `path`, all of one version of it.
+
+  epath's file objects read an object as its size, then ranges of whatever version is current:
+  a sweep reading a running point's progress.json while the point replaced it got the new
+  version cut at the old one's length (invalid JSON). One GET reads one version whole.
+  """
+  path = resolve(path)
+  if not is_remote(path):
+    return path.read_bytes()
+  fs, fs_path = fsspec.core.url_to_fs(os.fspath(path))
+  return fs.cat_file(fs_path)
+
+
 def read_json(path: PathLike) -> Optional[Dict[str, Any]]:
   """The JSON object in `path`, or None if there is no such file."""
   try:
-    return json.loads(resolve(path).read_text())
+    return json.loads(read_bytes(path))
   except FileNotFoundError:
     return None
 

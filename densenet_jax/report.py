@@ -36,6 +36,7 @@ from absl import flags
 from absl import logging
 
 from densenet_jax import paper
+from densenet_jax import paths
 from densenet_jax import provenance
 from densenet_jax import records
 from densenet_jax import statistics
@@ -243,6 +244,9 @@ def provenance_lines(runs: List[Dict[str, Any]]) -> List[str]:
 
 def write_report(sweep_dir: str) -> Dict[str, Any]:
   """Writes the tables, report.md and every figure that the rows allow; returns what it wrote."""
+  if paths.is_remote(sweep_dir):  # Built on a local copy, then uploaded (staging.py).
+    from densenet_jax import staging  # pylint: disable=g-import-not-at-top
+    return staging.write_report(sweep_dir, write_report)
   from densenet_jax import figures  # pylint: disable=g-import-not-at-top
   runs = collect(sweep_dir)
   if not runs:
@@ -283,7 +287,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir = flags.FLAGS.workdir
-  if not os.path.isdir(workdir):
+  if not paths.resolve(workdir).is_dir():
     raise app.UsageError(f'--workdir={workdir}: no such directory.')
   try:
     write_report(workdir)

@@ -21,6 +21,7 @@ with its error and the others still run, and the command exits non-zero naming t
 DIR/sweep.json records each point's overrides and state (pending, running, done, failed,
 interrupted, submitted). `--launcher=slurm` submits the unfinished points as one SLURM job array through
 submitit; `--launcher=print` prints each point's train.py command for other launchers.
+DIR may be on an object store (gs://bucket/sweep): see docs/object_stores.md.
 """
 
 import dataclasses
@@ -40,6 +41,7 @@ from ml_collections.config_flags import config_flags
 
 from densenet_jax import cli
 from densenet_jax import launchers
+from densenet_jax import paths
 from densenet_jax import records
 from densenet_jax import run_guard
 from densenet_jax import trainer
@@ -231,7 +233,7 @@ class Sweep:
   seeds: int = 1
 
   def point_workdir(self, point: Point) -> str:
-    return os.path.join(self.workdir, point.name)
+    return os.path.join(self.workdir, point.name)  # Also 'gs://bucket/sweep/<name>'.
 
   def command(self, point: Point) -> List[str]:
     return [sys.executable, TRAIN_PY, f'--config={self.config_arg}',
@@ -239,7 +241,7 @@ class Sweep:
             *override_args(point.overrides)]
 
   def is_done(self, point: Point) -> bool:
-    return os.path.exists(os.path.join(self.point_workdir(point), records.RESULTS))
+    return (paths.resolve(self.point_workdir(point)) / records.RESULTS).exists()
 
   def save(self) -> None:
     """DIR/sweep.json, written whole."""
@@ -274,7 +276,7 @@ def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
       parse_train_flags(config_arg, override_args(common) + override_args(point.overrides))
     except (SweepError, validation.ConfigError) as e:
       raise SweepError(f'{label}: {e}') from None
-  return Sweep(config_arg, os.path.abspath(workdir), points, common, seeds)
+  return Sweep(config_arg, paths.display(paths.resolve(workdir)), points, common, seeds)
 
 
 def _restore_states(sweep: Sweep) -> None:
@@ -331,7 +333,8 @@ def main(argv):
     for point in sweep.points:
       print(shlex.join(['python', 'train.py'] + sweep.command(point)[2:]))
     return
-  os.makedirs(sweep.workdir, exist_ok=True)
+  if not paths.is_remote(sweep.workdir):  # An object store needs no directories.
+    os.makedirs(sweep.workdir, exist_ok=True)
   signal.signal(signal.SIGTERM, _interrupt)  # Stop the running point cleanly, as Ctrl-C does.
   try:
     lock = run_guard.WorkdirLock(sweep.workdir)

@@ -62,12 +62,23 @@ def use_onednn():
   yield
   onednn.set_enabled(previous)
 
+
+@pytest.fixture(scope='session')
+def bucket(tmp_path_factory):
+  """'gs://BUCKET' on one local GCS emulator for the whole run (tests/gcs_emulator.py): shared
+  by every file that uses it, since in-process gcsfs clients keep the first endpoint they saw."""
+  import gcs_emulator  # pylint: disable=g-import-not-at-top
+  emulator = gcs_emulator.Emulator(str(tmp_path_factory.mktemp('gcs') / 'emulator.log'))
+  yield f'gs://{gcs_emulator.BUCKET}'
+  emulator.stop()
+
+
 # The longest files first: `pytest -n 2 --dist loadfile` deals whole files to the two workers in
 # collection order, and a long file dealt last leaves one worker running it alone at the end.
 _LONGEST_FIRST = ('test_reliability.py', 'test_layer_paths.py', 'test_sweep.py',
                   'test_models.py', 'test_training.py', 'test_convert.py', 'test_hosts.py',
-                  'test_object_store.py', 'test_resnet.py', 'test_shards.py',
-                  'test_input_pipeline.py')
+                  'test_object_store.py', 'test_sweep_store.py', 'test_resnet.py',
+                  'test_shards.py', 'test_input_pipeline.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -30,13 +30,6 @@ from test_training import tiny_config
 from densenet_jax.validation import ConfigError
 
 
-@pytest.fixture(scope='session')
-def bucket(tmp_path_factory):
-  emulator = gcs_emulator.Emulator(str(tmp_path_factory.mktemp('gcs') / 'emulator.log'))
-  yield f'gs://{gcs_emulator.BUCKET}'
-  emulator.stop()
-
-
 def committed_steps(workdir):
   """Steps whose checkpoint is complete: on an object store Orbax writes a step in place and
   marks it complete last, with commit_success.txt."""
