@@ -132,6 +132,9 @@ def device_slots(platform: str, devices: Sequence, parallel: int, per_point: Opt
     ParallelError: when the host has too few devices, or a TPU slot has no known shape.
   """
   check_flags(parallel, per_point)
+  if platform not in ('gpu', 'tpu', 'cpu'):
+    raise ParallelError(f'--parallel: JAX\'s platform here is {platform!r}; only gpu, tpu and '
+                        'cpu devices can be shared out.')
   devices = [str(d) for d in devices]
   per_point = per_point or max(1, len(devices) // parallel)
   name = {'gpu': 'GPUs', 'tpu': 'TPU chips', 'cpu': 'CPU cores'}[platform]

@@ -118,7 +118,8 @@ def test_bad_flags_are_one_line_errors(sweep_file, tmp_path):
            (('cpu', range(2), 2, 2), r'--parallel=2 x --devices_per_point=2 needs 4 CPU cores, '
                                      r'but this host has 2 \(0-1\)'),
            (('gpu', range(8), 3, 3), '--parallel=3 x --devices_per_point=3 needs 9 GPUs'),
-           (('tpu', range(4), 1, 3), '--devices_per_point=3: a TPU point takes 1, 2, 4 or 8')]
+           (('tpu', range(4), 1, 3), '--devices_per_point=3: a TPU point takes 1, 2, 4 or 8'),
+           (('metal', range(1), 1, 1), "platform here is 'metal'; only gpu, tpu and cpu")]
   for args, match in cases:
     with pytest.raises(parallel.ParallelError, match=match) as raised:
       parallel.device_slots(*args)
