@@ -1,4 +1,5 @@
-"""How a sweep's points run: one after another here, or as a SLURM job array via submitit.
+"""How a sweep's points run: one after another here, or as a SLURM job array via submitit
+(several at once on one host's devices: densenet_jax/parallel.py).
 
 Each point is its train.py command (`sweep.Sweep.command`), its output appended to
 DIR/<point>/train.log (for a gs:// DIR, to a local copy uploaded at every poll: staging.py).
@@ -73,13 +74,31 @@ class _Progress:
             f'sweep {100 * fraction:.0f}% done, ETA {eta}')
 
 
-def start_point(command: Sequence[str], log_path: str) -> subprocess.Popen:
-  """Starts one point's train.py, its output appended to `log_path`."""
+def start_point(command: Sequence[str], log_path: str, header: str = '',
+                **popen) -> subprocess.Popen:
+  """Starts one point's train.py, its output appended to `log_path` after `header` (lines
+  such as the devices it was given) and the command; `popen`: more subprocess.Popen options."""
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   with open(log_path, 'a') as log:
-    log.write(f'\n$ {shlex.join(command)}\n')
+    log.write(f'\n{header}$ {shlex.join(command)}\n')
     log.flush()
-    return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, **popen)
+
+
+def record_outcome(sweep: 'sweep_lib.Sweep', point: 'sweep_lib.Point', returncode: int,
+                   log_path: str, progress: _Progress) -> None:
+  """A finished point's state: done (it wrote results.json) or failed with why; saved."""
+  if returncode == 0 and sweep.is_done(point):
+    point.state = 'done'
+    result = records.read_json(os.path.join(sweep.point_workdir(point), records.RESULTS))
+    logging.info('%s', progress.line(point, f'done, eval_top1 {result.get("eval_top1")}'))
+  else:
+    point.state = 'failed'
+    point.error = (_last_line(log_path) if returncode else
+                   'stopped before finishing (preempted); rerun to resume')
+    logging.error('Point %d/%d %s failed: %s', point.index + 1, len(sweep.points),
+                  point.name, point.error)
+  sweep.save()
 
 
 def _wait(proc: subprocess.Popen, log: staging.PointLog, poll_seconds: float,
@@ -121,18 +140,8 @@ def run_local(sweep: 'sweep_lib.Sweep', poll_seconds: float) -> List['sweep_lib.
       point.state = 'interrupted'
       sweep.save()
       raise
-    if returncode == 0 and sweep.is_done(point):
-      point.state = 'done'
-      result = records.read_json(os.path.join(sweep.point_workdir(point), records.RESULTS))
-      logging.info('%s', progress.line(point, f'done, eval_top1 {result.get("eval_top1")}'))
-    else:
-      point.state = 'failed'
-      point.error = (_last_line(log.local) if returncode else
-                     'stopped before finishing (preempted); rerun to resume')
-      logging.error('Point %d/%d %s failed: %s', point.index + 1, len(sweep.points),
-                    point.name, point.error)
+    record_outcome(sweep, point, returncode, log.local, progress)
     log.close()
-    sweep.save()
   return [p for p in sweep.points if p.state == 'failed']
 
 

@@ -4,6 +4,7 @@
     python -m densenet_jax.sweep --config=... --workdir=DIR --launcher=slurm --partition=gpu \
         --nodes=1 --gpus_per_node=8 --time_min=600 --array_parallelism=4
     python -m densenet_jax.sweep --config=... --workdir=DIR --launcher=print
+    python -m densenet_jax.sweep --config=... --workdir=DIR --parallel=4   # 4 at once here
 
 A sweep config file has `get_config(arg=None)` and `get_sweep(arg=None)`, the latter a list of
 points, each a dict from a dotted config field to a value (see densenet_jax/hyper.py). Point
@@ -18,10 +19,13 @@ Every point's config is checked (the same checks as train.py) before the first o
 Locally the points run one after another: rerunning the command skips finished points (those
 with a results.json), resumes an interrupted one and runs the rest; a failing point is recorded
 with its error and the others still run, and the command exits non-zero naming the failures.
+`--parallel=N` runs up to N points at once here, each on devices of its own (GPUs, TPU chips or
+CPU cores; `--devices_per_point=K`, see densenet_jax/parallel.py).
 DIR/sweep.json records each point's overrides and state (pending, running, done, failed,
-interrupted, submitted). `--launcher=slurm` submits the unfinished points as one SLURM job array through
-submitit; `--launcher=print` prints each point's train.py command for other launchers.
-DIR may be on an object store (gs://bucket/sweep): see docs/object_stores.md.
+interrupted, submitted), and with --parallel the devices it ran on. `--launcher=slurm` submits
+the unfinished points as one SLURM job array through submitit; `--launcher=print` prints each
+point's train.py command for other launchers. DIR may be on an object store (gs://bucket/sweep):
+see docs/object_stores.md.
 """
 
 import dataclasses
@@ -41,6 +45,7 @@ from ml_collections.config_flags import config_flags
 
 from densenet_jax import cli
 from densenet_jax import launchers
+from densenet_jax import parallel
 from densenet_jax import paths
 from densenet_jax import records
 from densenet_jax import run_guard
@@ -65,6 +70,11 @@ _PARALLEL = flags.DEFINE_integer('array_parallelism', 16, 'Points running at onc
 _WAIT = flags.DEFINE_bool('wait', True, 'slurm: wait for the jobs, then write the report.')
 _SEEDS = flags.DEFINE_integer('seeds', 1, 'Runs of every configuration, with seeds config.seed '
                               '+ 0 .. N-1; the report gives their mean and spread.')
+_POINTS_AT_ONCE = flags.DEFINE_integer('parallel', 1, 'local: points running at once on this '
+                                       'host, each on devices of its own.')
+_DEVICES_PER_POINT = flags.DEFINE_integer(
+    'devices_per_point', None, 'local: GPUs, TPU chips or CPU cores of each point (default: '
+    'the host\'s divided by --parallel).')
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         'train.py')
@@ -84,6 +94,7 @@ class Point:
   state: str = 'pending'
   error: Optional[str] = None
   job_id: Optional[str] = None
+  devices: Optional[Dict[str, Any]] = None  # The slot it ran in, with --parallel.
 
   def record(self) -> Dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -286,7 +297,7 @@ def _restore_states(sweep: Sweep) -> None:
   for point in sweep.points:
     old = by_name.get(point.name, {})
     if sweep.is_done(point):
-      point.state = 'done'
+      point.state, point.devices = 'done', old.get('devices')
     elif old.get('state') in ('failed', 'submitted'):
       point.state, point.error, point.job_id = old['state'], old.get('error'), old.get('job_id')
 
@@ -309,13 +320,32 @@ def _interrupt(signum, frame):
   raise KeyboardInterrupt(f'stopped by {signal.Signals(signum).name}')
 
 
+def _parallel_slots() -> List[parallel.Slot]:
+  """--parallel's slots, or a one-line exit naming the flag, before anything runs."""
+  try:
+    if _LAUNCHER.value != 'local':
+      raise parallel.ParallelError('--parallel and --devices_per_point are for '
+                                   f'--launcher=local, not --launcher={_LAUNCHER.value}.')
+    slots = parallel.host_slots(_POINTS_AT_ONCE.value, _DEVICES_PER_POINT.value)
+  except parallel.ParallelError as e:
+    sys.exit(f'Sweep flag error: {e}')
+  # The points own the accelerators: on TPU an opened chip is locked to this process, on GPU
+  # JAX would preallocate memory. The checks before the points start need no device.
+  jax.config.update('jax_platforms', 'cpu')
+  return slots
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config_flag = flags.FLAGS['config']
   config_arg = config_flags.get_config_filename(config_flag)
   common = config_flags.get_override_values(config_flag)
-  if _LAUNCHER.value == 'slurm':  # The points' devices, not this host's.
+  slots = None
+  if _POINTS_AT_ONCE.value != 1 or _DEVICES_PER_POINT.value is not None:
+    slots = _parallel_slots()  # Each point's own devices; this process keeps to the CPU.
+    devices, processes = slots[0].jax_devices, 1
+  elif _LAUNCHER.value == 'slurm':  # The points' devices, not this host's.
     devices, processes = max(1, _GPUS.value) * _NODES.value, _NODES.value
   elif _LAUNCHER.value == 'print':
     devices, processes = 1, 1
@@ -347,7 +377,10 @@ def main(argv):
                  len(sweep.points), sweep.workdir,
                  sum(p.state == 'done' for p in sweep.points))
     sweep.save()
-    if _LAUNCHER.value == 'local':
+    if slots:
+      failed = parallel.run_parallel(sweep, slots, _POLL.value)
+      write_report = True
+    elif _LAUNCHER.value == 'local':
       failed = launchers.run_local(sweep, _POLL.value)
       write_report = True
     else:

@@ -116,7 +116,8 @@ def test_sweep_on_gs_runs_reruns_and_reports(sweep_file, bucket):
   assert f'Sweep error: Workdir {workdir} is in use by another run (pid {os.getpid()}' in (
       refused.stdout), refused.stdout[-3000:]
 
-  first = run_sweep(sweep_file, workdir)
+  # Both points at once (one core each): each uploads its own log.
+  first = run_sweep(sweep_file, workdir, '--parallel=2')
   assert first.returncode == 0, first.stdout[-5000:]
   names = ['growth_rate=4', 'growth_rate=6']
   state = paths.read_json(f'{workdir}/sweep.json')
