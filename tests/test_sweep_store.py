@@ -129,8 +129,11 @@ def test_sweep_on_gs_runs_reruns_and_reports(sweep_file, bucket):
   for figure in ('error_vs_params.png', 'error_vs_gmacs.png', 'curves.png',
                  'feature_reuse.png'):
     assert len((remote / figure).read_bytes()) > 1000, figure
-  rows = list(csv.DictReader(io.StringIO((remote / 'results.csv').read_text())))
+  rows = list(csv.DictReader(io.StringIO((remote / 'runs.csv').read_text())))
   assert [r['name'] for r in rows] == names
+  configurations = list(csv.DictReader(io.StringIO((remote / 'results.csv').read_text())))
+  assert [c['seeds'] for c in configurations] == ['1', '1']
+  assert (remote / 'effects.csv').exists()
   # best_eval_top1 and the curves come from the event files, staged for the report.
   assert all(r['status'] == 'done' and r['best_eval_top1'] for r in rows), rows
   report_md = (remote / 'report.md').read_text()
