@@ -31,6 +31,14 @@ def _stage_order(name: str):
   return (4, 0, False, name)
 
 
+def _output_shape(entry) -> str:
+  """The shape of a stage's output activations; a module that returns something else (a
+  BatchNorm that hands its statistics to a fused call) shows '-'."""
+  outputs = (entry or {}).get('__call__', ())
+  shapes = [tuple(x.shape) for x in jax.tree.leaves(outputs) if len(x.shape) >= 2]
+  return str(shapes[0]) if shapes else '-'
+
+
 def summarize(model, image_size: int) -> str:
   """A markdown table: one row per stage (stem, blocks, transitions, head) of `model`."""
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
@@ -45,7 +53,7 @@ def summarize(model, image_size: int) -> str:
   for name in sorted(params, key=_stage_order):
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params[name]))
     total += n
-    lines.append(f'| {name} | {tuple(outputs[name]["__call__"][0].shape)} | {n:,} |')
+    lines.append(f'| {name} | {_output_shape(outputs.get(name))} | {n:,} |')
   lines.append(f'| **total** | logits {(1, model.num_classes)} | **{total:,}** |')
   return '\n'.join(lines)
 
@@ -57,7 +65,10 @@ def main(argv):
     overrides['depth'] = _DEPTH.value
   if _GROWTH.value is not None:
     overrides['growth_rate'] = _GROWTH.value
-  model = create_model(_MODEL.value, **overrides)
+  try:
+    model = create_model(_MODEL.value, **overrides)
+  except (ValueError, TypeError) as e:
+    raise SystemExit(f'summary: --model={_MODEL.value}: {e}') from None
   size = _IMAGE_SIZE.value or (224 if model.stem == 'imagenet' else 32)
   print(f'{_MODEL.value}: {model}\n')
   print(summarize(model, size))
