@@ -89,11 +89,14 @@ def _mean_curve(runs: Sequence[Row], tag: str, transform=lambda v: v):
 
 
 def curves(configurations: Sequence[Row], path: str) -> bool:
-  """Training loss and test error against epochs: the mean over each configuration's seeds,
-  with a band from the lowest to the highest seed."""
+  """Training loss and test error against epochs: the mean over each configuration's finished
+  seeds (its running ones while none has finished), with a band from the lowest to the highest
+  seed."""
   drawn = []
   for c in configurations:
     runs = [r for r in c['_runs'] if r['_curves'].get('train_loss') and r.get('_steps_per_epoch')]
+    # The finished seeds; a running one's shorter curve would cut the mean short.
+    runs = [r for r in runs if r['status'] == 'done'] or runs
     if runs:
       drawn.append((c, runs))
   if not drawn:
