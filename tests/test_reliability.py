@@ -127,6 +127,11 @@ def test_sigterm_saves_and_resumes(tmp_path, uninterrupted):
   text = finish(workdir)
   assert f'Restored checkpoint of step {saved[0]}' in text
   assert_same_run(reference, workdir)
+  # The interrupted session's code is kept beside the finishing session's provenance.
+  finished = results(workdir)
+  earlier, = finished['earlier_sessions']
+  assert earlier['commit'] == finished['provenance']['commit']
+  assert earlier['started'] <= finished['provenance']['started']
 
 
 def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted):

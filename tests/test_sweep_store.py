@@ -68,6 +68,13 @@ def test_print_launcher_hands_points_their_gs_workdirs(sweep_file):
     assert f'--workdir=gs://densenet-test/printed/growth_rate={k} ' in result.stdout
   assert 'gs:/densenet-test' not in result.stdout.replace('gs://', '')
   assert no_local_gs_folder()
+  # --seeds: every configuration once per seed, as the README's study command runs it.
+  result = run_sweep(sweep_file, 'gs://densenet-test/seeded', '--launcher=print', '--seeds=2')
+  assert result.returncode == 0, result.stdout[-3000:]
+  for k in (4, 6):
+    for seed in (0, 1):
+      assert (f'--workdir=gs://densenet-test/seeded/growth_rate={k},seed={seed} '
+              f'--config.model.growth_rate={k} --config.seed={seed}') in result.stdout
 
 
 def test_point_log_is_uploaded_while_running_and_keeps_every_session(bucket, monkeypatch):
