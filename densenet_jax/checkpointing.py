@@ -33,6 +33,21 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errn
 RETRY_SECONDS = (1.0, 4.0)  # Backoff between the attempts of a failing read.
 
 
+def unsupported(workdir: str) -> Optional[str]:
+  """Why checkpoints cannot be written under `workdir`, or None: said at start-up, in one line.
+
+  Orbax 0.12.8 special-cases gs:// where an object store differs from a disk, and treats any
+  other URL as a local path: its TensorStore spec builder normalises `s3://b` to `s3:/b` and
+  rejects it as relative, and it commits a step by renaming a temporary directory, which S3
+  has not. Every other file of a run (JSON records, events, the lease) works on s3://.
+  """
+  if str(workdir).startswith('s3://'):
+    return (f'orbax-checkpoint {ocp.__version__} cannot write checkpoints to s3:// (its '
+            'TensorStore paths and step commits support gs:// and local paths only); use a '
+            'gs:// or local workdir')
+  return None
+
+
 class RestoreError(RuntimeError):
   """Checkpoints exist but cannot be read now; nothing was moved."""
 
