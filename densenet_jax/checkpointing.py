@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from densenet_jax import leases
 from densenet_jax import paths
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ECONNRESET,
@@ -123,6 +124,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, input_position: Dict[str, int],
            run_info: Dict[str, Any]) -> None:
     """Starts saving `state` at `step`; the write completes in the background."""
+    leases.check_held()  # Only the lead holds the lease; the others wait for it in Orbax.
     self._manager.save(
         step,
         args=ocp.args.Composite(
