@@ -7,10 +7,9 @@ User paths (workdirs, init_checkpoint, the converter's output, folder datasets) 
 Object stores are reached through fsspec (gcsfs for `gs://`, s3fs for `s3://`), not through
 TensorFlow's file system, which epath would pick when TensorFlow is importable: TensorFlow's GCS
 client has its endpoint compiled in, so it can be neither pointed at an emulator nor tested,
-whereas gcsfs,
-TensorStore (Orbax's array writes) and google-cloud-storage (the workdir lease) all follow one
-variable, `STORAGE_EMULATOR_HOST`, as set up below; for `s3://`, s3fs, botocore (the lease) and
-TensorStore all read `AWS_ENDPOINT_URL` and the usual AWS variables themselves.
+whereas gcsfs, TensorStore (Orbax's array writes) and google-cloud-storage (the workdir lease)
+all follow one variable, `STORAGE_EMULATOR_HOST`, as set up below; for `s3://`, s3fs, botocore
+(the lease) and TensorStore all read `AWS_ENDPOINT_URL` and the usual AWS variables themselves.
 `EPATH_USE_TF=true` restores epath's default.
 """
 
