@@ -34,18 +34,39 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errn
 RETRY_SECONDS = (1.0, 4.0)  # Backoff between the attempts of a failing read.
 
 
+# Schemes whose paths Orbax 0.12.8 writes itself ('' is a local path). It special-cases gs://
+# where an object store differs from a disk and treats any other URL as a local path: its
+# TensorStore spec builder turns `s3://b` into `s3:/b`, and it commits a step by renaming a
+# temporary directory, which S3 cannot do. Checkpoints of other schemes are written by Orbax
+# to a local staging directory and uploaded (densenet_jax/staged_checkpoints.py).
+ORBAX_SCHEMES = ('', 'gs')
+
+
+def orbax_writes_directly(path: str) -> bool:
+  """Whether Orbax reads and writes checkpoints under `path` itself, or through staging."""
+  path = str(path)
+  return (path.partition('://')[0] if '://' in path else '') in ORBAX_SCHEMES
+
+
+def create(workdir: str, *, keep: int, asynchronous: bool = True) -> 'Checkpointer':
+  """The checkpointer for `workdir`: the one place that picks Orbax directly or staging."""
+  if orbax_writes_directly(workdir):
+    return Checkpointer(workdir, keep=keep, asynchronous=asynchronous)
+  from densenet_jax import staged_checkpoints  # pylint: disable=g-import-not-at-top
+  return staged_checkpoints.StagedCheckpointer(workdir, keep=keep, asynchronous=asynchronous)
+
+
 def unsupported(workdir: str) -> Optional[str]:
   """Why checkpoints cannot be written under `workdir`, or None: said at start-up, in one line.
 
-  Orbax 0.12.8 special-cases gs:// where an object store differs from a disk, and treats any
-  other URL as a local path: its TensorStore spec builder normalises `s3://b` to `s3:/b` and
-  rejects it as relative, and it commits a step by renaming a temporary directory, which S3
-  has not. Every other file of a run (JSON records, events, the lease) works on s3://.
+  A staged checkpoint is written by each process to its own local directory, while Orbax
+  assembles a multi-process checkpoint in one shared directory: staging is single-process.
   """
-  if str(workdir).startswith('s3://'):
-    return (f'orbax-checkpoint {ocp.__version__} cannot write checkpoints to s3:// (its '
-            'TensorStore paths and step commits support gs:// and local paths only); use a '
-            'gs:// or local workdir')
+  if not orbax_writes_directly(workdir) and jax.process_count() > 1:
+    return (f'checkpoints on {str(workdir).partition("://")[0]}:// are staged locally by one '
+            f'process (orbax-checkpoint {ocp.__version__} writes gs:// and local paths only), '
+            f'and this run has {jax.process_count()} processes; use a gs:// or shared '
+            'local workdir')
   return None
 
 
@@ -85,10 +106,15 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, asynchronous: bool = True):
     self.workdir = paths.resolve(workdir)  # Local or gs://: Orbax takes epath Paths.
     self.directory = self.workdir / 'checkpoints'
+    self._write_directory, self._read_directory = self._orbax_directories()
     self._keep = keep
     self._asynchronous = asynchronous
     self._manager = self._open()
     self._reading = None
+
+  def _orbax_directories(self) -> Tuple[Any, Any]:
+    """Where Orbax writes steps and reads them: the workdir's own, unless staged (subclass)."""
+    return self.directory, self.directory
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -96,7 +122,7 @@ class Checkpointer:
         create=True,
         enable_async_checkpointing=self._asynchronous,
     )
-    return ocp.CheckpointManager(self.directory, options=options,
+    return ocp.CheckpointManager(self._write_directory, options=options,
                                  item_names=('state', 'input', 'run'))
 
   def _reader(self) -> ocp.CheckpointManager:
@@ -109,7 +135,7 @@ class Checkpointer:
           read_only=True, create=False,
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               primary_host=me, active_processes={me}))
-      self._reading = ocp.CheckpointManager(self.directory, options=options,
+      self._reading = ocp.CheckpointManager(self._read_directory, options=options,
                                             item_names=('state', 'input', 'run'))
     return self._reading
 
