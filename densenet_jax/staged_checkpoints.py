@@ -93,17 +93,20 @@ def committed_steps(checkpoints: str) -> List[int]:
   return sorted(s for s in steps if fs.exists(f'{root}/{s}/{COMMITTED}'))
 
 
-def local_copy(workdir: str, step: Optional[int] = None) -> str:
-  """A local copy of committed step `step` (default: the latest) of a staged workdir, for code
-  that reads a checkpoint with Orbax directly (feature_reuse). Returns the step's directory."""
+def local_copy(workdir: str, destination: str, step: Optional[int] = None) -> str:
+  """Downloads committed step `step` (default: the latest) of a staged workdir into
+  `destination`, for code that reads a checkpoint with Orbax directly (feature_reuse).
+
+  Returns:
+    The step's local directory (DESTINATION/<step>).
+  """
   checkpoints = f'{paths.display(workdir).rstrip("/")}/checkpoints'
   steps = committed_steps(checkpoints)
   if step is None and steps:
     step = steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f'{checkpoints}: no committed checkpoint {step or ""}'.rstrip())
-  return download_tree(f'{checkpoints}/{step}',
-                       os.path.join(staging_dir(workdir), 'copies', str(step)))
+    raise FileNotFoundError(f'{checkpoints}: no committed checkpoint to read weights from.')
+  return download_tree(f'{checkpoints}/{step}', os.path.join(destination, str(step)))
 
 
 class StagedCheckpointer(checkpointing.Checkpointer):

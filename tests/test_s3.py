@@ -6,15 +6,16 @@ short (no commit file) must never be restored, and nothing may stay on the local
 """
 
 import os
-import shutil
 import signal
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from densenet_jax import convert
+from densenet_jax import feature_reuse
 from densenet_jax import paths
+from densenet_jax import pretrained
 from densenet_jax import staged_checkpoints
 from densenet_jax import trainer
 from test_reliability import start
@@ -26,15 +27,6 @@ from test_training import tiny_config
 
 def committed(workdir):
   return staged_checkpoints.committed_steps(f'{workdir}/checkpoints')
-
-
-def s3_params(workdir, step):
-  """The params of committed `step` of an s3:// workdir, as NumPy arrays."""
-  path = os.path.join(staged_checkpoints.local_copy(workdir, step), 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
-  return checkpointer.restore(path, restore_args=as_numpy)['params']
 
 
 def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
@@ -57,7 +49,7 @@ def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
   assert 'Took over the stale lease' in text
   assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
   assert not os.path.exists(staged_checkpoints.staging_dir(workdir))  # Removed at close.
-  jax.tree.map(np.testing.assert_array_equal, s3_params(workdir, STEPS),
+  jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
                load_params(reference, STEPS))
   for key in ('step', 'eval_loss', 'eval_top1', 'eval_top5'):
     assert results(workdir)[key] == results(reference)[key], key
@@ -66,7 +58,6 @@ def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
   assert {'checkpoints', 'results.json', 'progress.json'} <= names, names
   assert any(n.startswith('events.out.tfevents.') for n in names), names
   assert '.lock' not in names
-  shutil.rmtree(staged_checkpoints.staging_dir(workdir))  # s3_params's copy.
 
 
 def test_an_uncommitted_step_is_never_restored(s3_bucket, caplog):
@@ -83,3 +74,13 @@ def test_an_uncommitted_step_is_never_restored(s3_bucket, caplog):
   assert 'Restored checkpoint of step 4' in caplog.text
   assert committed(workdir) == [4, 8]
   assert again == first
+
+
+def test_converted_weights_on_s3(s3_bucket):
+  """The converter's --output and config.init_checkpoint on s3://, through a local copy."""
+  variables = {'params': {'classifier': {'kernel': np.ones((3, 2), np.float32)}},
+               'batch_stats': {'norm': {'mean': np.zeros(3, np.float32)}}}
+  output = f'{s3_bucket}/weights'
+  convert.save(variables, {'model': 'densenet121', 'overrides': {}}, output)
+  jax.tree.map(np.testing.assert_array_equal, pretrained.read_init_checkpoint(output), variables)
+  assert pretrained.read_model_json(output)['model'] == 'densenet121'
