@@ -7,7 +7,9 @@ batch, and the run's model description, so that a workdir is never resumed with 
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed in the middle of a write leaves the previous checkpoint as the latest one, and it deletes
-checkpoints beyond `keep` only after a newer one is complete.
+checkpoints beyond `keep` only after a newer one is complete. Orbax writes local and gs://
+workdirs itself; others (s3://) get the same interface through local staging and uploads
+(`create`, densenet_jax/staged_checkpoints.py).
 
 Restoring tells failures apart. A read that fails is retried with backoff; one that still fails
 with an I/O error of the transient kind (a timeout, EIO, a dropped connection) stops the run

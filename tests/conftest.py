@@ -86,7 +86,8 @@ def s3_bucket(tmp_path_factory):
 # collection order, and a long file dealt last leaves one worker running it alone at the end.
 _LONGEST_FIRST = ('test_reliability.py', 'test_layer_paths.py', 'test_sweep.py',
                   'test_models.py', 'test_training.py', 'test_convert.py', 'test_hosts.py',
-                  'test_object_store.py', 'test_buckets.py', 'test_sweep_store.py',
+                  'test_object_store.py', 'test_buckets.py', 'test_s3.py',
+                  'test_sweep_store.py',
                   'test_parallel.py', 'test_resnet.py',
                   'test_shards.py', 'test_input_pipeline.py')
 
