@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from densenet_jax import buckets
 from densenet_jax import checkpointing
 from densenet_jax import cli
 from densenet_jax import coordination
@@ -67,6 +68,8 @@ def _train():
     # A mistake in the config: the message names the field; a traceback would only bury it.
     logging.error('%s', e)
     sys.exit(f'Config error: {e}')
+  except buckets.BucketError as e:  # One line: the path and why its bucket cannot be used.
+    sys.exit(str(e))
   except checkpointing.RestoreError as e:  # Checkpoints that cannot be read now; none moved.
     logging.error('%s', e)
     sys.exit(f'Restore error: {e}')

@@ -7,7 +7,9 @@ batch, and the run's model description, so that a workdir is never resumed with 
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
 killed in the middle of a write leaves the previous checkpoint as the latest one, and it deletes
-checkpoints beyond `keep` only after a newer one is complete.
+checkpoints beyond `keep` only after a newer one is complete. Orbax writes local and gs://
+workdirs itself; others (s3://) get the same interface through local staging and uploads
+(`create`, densenet_jax/staged_checkpoints.py).
 
 Restoring tells failures apart. A read that fails is retried with backoff; one that still fails
 with an I/O error of the transient kind (a timeout, EIO, a dropped connection) stops the run
@@ -26,11 +28,48 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from densenet_jax import leases
 from densenet_jax import paths
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ECONNRESET,
                      errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
 RETRY_SECONDS = (1.0, 4.0)  # Backoff between the attempts of a failing read.
+
+
+# Schemes whose paths Orbax 0.12.8 writes itself ('' is a local path). It special-cases gs://
+# where an object store differs from a disk and treats any other URL as a local path: its
+# TensorStore spec builder turns `s3://b` into `s3:/b`, and it commits a step by renaming a
+# temporary directory, which S3 cannot do. Checkpoints of other schemes are written by Orbax
+# to a local staging directory and uploaded (densenet_jax/staged_checkpoints.py).
+ORBAX_SCHEMES = ('', 'gs')
+
+
+def orbax_writes_directly(path: str) -> bool:
+  """Whether Orbax reads and writes checkpoints under `path` itself, or through staging."""
+  path = str(path)
+  return (path.partition('://')[0] if '://' in path else '') in ORBAX_SCHEMES
+
+
+def create(workdir: str, *, keep: int, asynchronous: bool = True) -> 'Checkpointer':
+  """The checkpointer for `workdir`: the one place that picks Orbax directly or staging."""
+  if orbax_writes_directly(workdir):
+    return Checkpointer(workdir, keep=keep, asynchronous=asynchronous)
+  from densenet_jax import staged_checkpoints  # pylint: disable=g-import-not-at-top
+  return staged_checkpoints.StagedCheckpointer(workdir, keep=keep, asynchronous=asynchronous)
+
+
+def unsupported(workdir: str) -> Optional[str]:
+  """Why checkpoints cannot be written under `workdir`, or None: said at start-up, in one line.
+
+  A staged checkpoint is written by each process to its own local directory, while Orbax
+  assembles a multi-process checkpoint in one shared directory: staging is single-process.
+  """
+  if not orbax_writes_directly(workdir) and jax.process_count() > 1:
+    return (f'checkpoints on {str(workdir).partition("://")[0]}:// are staged locally by one '
+            f'process (orbax-checkpoint {ocp.__version__} writes gs:// and local paths only), '
+            f'and this run has {jax.process_count()} processes; use a gs:// or shared '
+            'local workdir')
+  return None
 
 
 class RestoreError(RuntimeError):
@@ -69,10 +108,15 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, asynchronous: bool = True):
     self.workdir = paths.resolve(workdir)  # Local or gs://: Orbax takes epath Paths.
     self.directory = self.workdir / 'checkpoints'
+    self._write_directory, self._read_directory = self._orbax_directories()
     self._keep = keep
     self._asynchronous = asynchronous
     self._manager = self._open()
     self._reading = None
+
+  def _orbax_directories(self) -> Tuple[Any, Any]:
+    """Where Orbax writes steps and reads them: the workdir's own, unless staged (subclass)."""
+    return self.directory, self.directory
 
   def _open(self) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
@@ -80,7 +124,7 @@ class Checkpointer:
         create=True,
         enable_async_checkpointing=self._asynchronous,
     )
-    return ocp.CheckpointManager(self.directory, options=options,
+    return ocp.CheckpointManager(self._write_directory, options=options,
                                  item_names=('state', 'input', 'run'))
 
   def _reader(self) -> ocp.CheckpointManager:
@@ -93,7 +137,7 @@ class Checkpointer:
           read_only=True, create=False,
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               primary_host=me, active_processes={me}))
-      self._reading = ocp.CheckpointManager(self.directory, options=options,
+      self._reading = ocp.CheckpointManager(self._read_directory, options=options,
                                             item_names=('state', 'input', 'run'))
     return self._reading
 
@@ -108,6 +152,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, input_position: Dict[str, int],
            run_info: Dict[str, Any]) -> None:
     """Starts saving `state` at `step`; the write completes in the background."""
+    leases.check_held()  # Only the lead holds the lease; the others wait for it in Orbax.
     self._manager.save(
         step,
         args=ocp.args.Composite(

@@ -29,6 +29,7 @@ evaluation from it.
 
 import os
 import re
+import tempfile
 from typing import Any, Callable, Dict, Tuple
 
 from absl import app
@@ -287,12 +288,21 @@ def convert(source_path: str, model_name: str) -> Tuple[Dict[str, Any], Dict[str
 def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:
   """Writes OUTPUT/variables (Orbax) and OUTPUT/model.json."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  output = paths.resolve(output)  # A local directory or gs://.
+  # pylint: disable=g-import-not-at-top
+  from densenet_jax import checkpointing
+  from densenet_jax import staged_checkpoints
+  output = paths.resolve(output)  # A local directory or an object store.
   output.mkdir(parents=True, exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(output / 'variables', variables, force=True)
-  checkpointer.wait_until_finished()  # The save is asynchronous; the CLI must not exit before.
-  checkpointer.close()
+  direct = checkpointing.orbax_writes_directly(output)
+  with tempfile.TemporaryDirectory() as local:  # Used only where Orbax cannot write (s3://).
+    variables_dir = output / 'variables' if direct else paths.resolve(local) / 'variables'
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(variables_dir, variables, force=True)
+    checkpointer.wait_until_finished()  # The save is asynchronous; the CLI must not exit before.
+    checkpointer.close()
+    if not direct:
+      staged_checkpoints.upload_tree(os.fspath(variables_dir),
+                                     f'{paths.display(output)}/variables')
   paths.write_json(output / 'model.json', meta)
 
 

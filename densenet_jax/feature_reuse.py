@@ -81,9 +81,18 @@ def normalise_columns(matrix: np.ndarray) -> np.ndarray:
 
 def load_params(workdir: str) -> Dict[str, Any]:
   """The parameters of the newest complete checkpoint in WORKDIR/checkpoints."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  # Local or gs://; a run staged locally for the report has no checkpoints: read its origin's.
-  directory = paths.resolve(staging.origin(workdir)) / 'checkpoints'
+  # pylint: disable=g-import-not-at-top
+  import tempfile
+  import orbax.checkpoint as ocp
+  from densenet_jax import checkpointing
+  from densenet_jax import staged_checkpoints
+  # A run staged locally for the report has no checkpoints: read its origin's.
+  origin = staging.origin(workdir)
+  if not checkpointing.orbax_writes_directly(origin):  # s3://: Orbax reads a local copy.
+    with tempfile.TemporaryDirectory() as local:
+      step = staged_checkpoints.local_copy(origin, local)
+      return ocp.StandardCheckpointer().restore(paths.resolve(step) / 'state')['params']
+  directory = paths.resolve(origin) / 'checkpoints'
   # On an object store Orbax writes a step in place and marks it complete last.
   complete = ((lambda p: (p / 'commit_success.txt').exists()) if paths.is_remote(directory)
               else (lambda p: True))

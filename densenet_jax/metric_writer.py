@@ -15,6 +15,7 @@ from typing import Any, Dict
 
 from clu import metric_writers
 
+from densenet_jax import leases
 from densenet_jax import paths
 
 
@@ -41,6 +42,7 @@ class _UploadingWriter(metric_writers.MetricWriter):
       local = os.path.join(self._local, name)
       size = os.path.getsize(local)
       if self._uploaded.get(name) != size:
+        leases.check_held()
         with open(local, 'rb') as f:
           (self._target / name).write_bytes(f.read())
         self._uploaded[name] = size

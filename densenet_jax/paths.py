@@ -4,11 +4,13 @@ User paths (workdirs, init_checkpoint, the converter's output, folder datasets) 
 `epath`, the layer that Orbax and TFDS already use, never through `os.path` or `open`: a
 `gs://` workdir used to become the local directory `./gs:/bucket/run`.
 
-Object stores are reached through fsspec (gcsfs for `gs://`), not through TensorFlow's file
-system, which epath would pick when TensorFlow is importable: TensorFlow's GCS client has its
-endpoint compiled in, so it can be neither pointed at an emulator nor tested, whereas gcsfs,
-TensorStore (Orbax's array writes) and google-cloud-storage (the workdir lease) all follow one
-variable, `STORAGE_EMULATOR_HOST`, as set up below. `EPATH_USE_TF=true` restores epath's default.
+Object stores are reached through fsspec (gcsfs for `gs://`, s3fs for `s3://`), not through
+TensorFlow's file system, which epath would pick when TensorFlow is importable: TensorFlow's GCS
+client has its endpoint compiled in, so it can be neither pointed at an emulator nor tested,
+whereas gcsfs, TensorStore (Orbax's array writes) and google-cloud-storage (the workdir lease)
+all follow one variable, `STORAGE_EMULATOR_HOST`, as set up below; for `s3://`, s3fs, botocore
+(the lease) and TensorStore all read `AWS_ENDPOINT_URL` and the usual AWS variables themselves.
+`EPATH_USE_TF=true` restores epath's default.
 """
 
 import json
@@ -47,7 +49,8 @@ logging.getLogger('gcsfs').setLevel(logging.WARNING)
 # gcsfs caches directory listings for the life of the process by default, and the arrays of a
 # checkpoint are written by TensorStore, which that cache never hears of: a listing made
 # before a save would hide the save's files (a run checking for a checkpoint it just wrote).
-fsspec.config.conf.setdefault('gcs', {}).setdefault('use_listings_cache', False)
+for _protocol in ('gcs', 's3'):
+  fsspec.config.conf.setdefault(_protocol, {}).setdefault('use_listings_cache', False)
 
 Path = epath.Path
 PathLike = Union[str, os.PathLike]

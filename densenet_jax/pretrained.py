@@ -7,6 +7,8 @@ then keeps its fresh initialisation, which the log says. Any other difference is
 naming the first variable and both shapes.
 """
 
+import os
+import tempfile
 from typing import Any, Dict
 
 from absl import logging
@@ -14,7 +16,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from densenet_jax import checkpointing
 from densenet_jax import paths
+from densenet_jax import staged_checkpoints
 from densenet_jax import validation
 from densenet_jax.models import family
 
@@ -26,7 +30,11 @@ def read_init_checkpoint(directory: str) -> Dict[str, Any]:
     raise validation.ConfigError(
         f'config.init_checkpoint={directory!r}: expected a directory written by '
         f'`python -m densenet_jax.convert` (with a variables/ subdirectory); {path} is missing.')
-  return jax.device_get(ocp.StandardCheckpointer().restore(path))
+  if checkpointing.orbax_writes_directly(directory):
+    return jax.device_get(ocp.StandardCheckpointer().restore(path))
+  with tempfile.TemporaryDirectory() as local:  # s3://: Orbax reads a local copy.
+    copy = staged_checkpoints.download_tree(paths.display(path), os.path.join(local, 'variables'))
+    return jax.device_get(ocp.StandardCheckpointer().restore(paths.resolve(copy)))
 
 
 def read_model_json(directory: str) -> Dict[str, Any]:

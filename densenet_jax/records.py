@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 
 import jax
 
+from densenet_jax import leases
 from densenet_jax import paths
 from densenet_jax import provenance
 
@@ -28,6 +29,7 @@ def write_json(path: paths.PathLike, record: Dict[str, Any]) -> None:
   """Writes `record` to `path` (local or gs://) whole or not at all (process 0 only)."""
   if jax.process_index() != 0:
     return
+  leases.check_held()  # A holder thawed after losing its workdir writes nothing more.
   paths.write_json(path, record)
 
 

@@ -7,13 +7,10 @@ the workdir while it runs: a `flock` on a local workdir, a lease object on an ob
 """
 
 import fcntl
-import json
 import os
 import signal
 import socket
-import threading
-import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional
 
 from absl import logging
 import jax
@@ -21,12 +18,8 @@ from jax._src import distributed as jax_distributed  # Whether the preemption se
 from jax.experimental import multihost_utils
 import numpy as np
 
+from densenet_jax import leases
 from densenet_jax import paths
-
-# How long a lease object may go without a heartbeat before another run may take the workdir
-# over; the holder renews it every quarter of this and stops itself after half of it without
-# a renewal, so that it has stopped writing before anyone may take over.
-LEASE_SECONDS = float(os.environ.get('DENSENET_JAX_LEASE_SECONDS', '60'))
 
 
 class Preemption:
@@ -85,14 +78,7 @@ class Preemption:
       signal.signal(sig, handler)
 
 
-class WorkdirInUseError(RuntimeError):
-  """Another run is writing to this workdir."""
-
-
-def _in_use(workdir: str, holder: str) -> WorkdirInUseError:
-  return WorkdirInUseError(
-      f'Workdir {workdir} is in use by another run ({holder}). Wait for it to finish, stop it, '
-      'or give this run another --workdir.')
+WorkdirInUseError = leases.WorkdirInUseError
 
 
 class WorkdirLock:
@@ -100,7 +86,8 @@ class WorkdirLock:
 
   A local workdir: an advisory `flock` on WORKDIR/.lock, which the kernel releases when the
   process dies, even by `kill -9`, so a crashed run never leaves a stale lock behind (local and
-  POSIX network filesystems). A `gs://` workdir: a lease object WORKDIR/.lock (`GcsLease`).
+  POSIX network filesystems). A `gs://` or `s3://` workdir: a lease object WORKDIR/.lock
+  (densenet_jax/leases.py).
   """
 
   def __init__(self, workdir: str):
@@ -113,7 +100,7 @@ class WorkdirLock:
     if jax.process_index() != 0:
       return  # The processes of one multi-host run are one run: the lead holds the lock.
     if paths.is_remote(self._workdir):
-      self._lease = GcsLease(self._workdir)
+      self._lease = leases.Lease(self._workdir)
       self._lease.acquire()
       return
     f = open(self.path, 'a+')
@@ -123,7 +110,7 @@ class WorkdirLock:
       f.seek(0)
       holder = f.read().strip() or 'unknown'
       f.close()
-      raise _in_use(os.path.dirname(self.path), holder) from None
+      raise leases.in_use(os.path.dirname(self.path), holder) from None
     f.seek(0)
     f.truncate()
     f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
@@ -145,147 +132,3 @@ class WorkdirLock:
 
   def __exit__(self, *exc):
     self.release()
-
-
-class GcsLease:
-  """A lease on a `gs://` workdir: the object WORKDIR/.lock, with its holder and a heartbeat.
-
-  Object stores have no locks, but they have conditional writes on an object's generation. The
-  lease is created only if absent (`ifGenerationMatch=0`), renewed only if still the holder's
-  generation, and taken over only by a write conditional on the generation the taker saw, so
-  two runs can never both hold it. A holder on this host is judged by its process and its
-  heartbeat's age; a holder elsewhere is stale only when the lease's generation has not changed
-  for LEASE_SECONDS of the taker's own clock (no clocks are compared across hosts). A holder that cannot renew for half of LEASE_SECONDS, or
-  finds its lease taken, exits at once, before anyone may take over: it never writes to a
-  workdir it no longer holds. Only the .lock object is ever written or deleted.
-  """
-
-  def __init__(self, workdir: str, seconds: Optional[float] = None):
-    from google.cloud import storage  # pylint: disable=g-import-not-at-top  (gs:// only)
-    if not workdir.startswith('gs://'):
-      raise ValueError(f'--workdir={workdir}: object-store workdirs are gs:// only (no lease '
-                       'exists for this scheme).')
-    bucket, _, prefix = workdir[len('gs://'):].partition('/')
-    prefix = prefix.rstrip('/')
-    self.workdir = workdir
-    self.seconds = seconds or LEASE_SECONDS
-    self._blob = storage.Client().bucket(bucket).blob(f'{prefix}/.lock' if prefix else '.lock')
-    self._owner = {'holder': f'pid {os.getpid()} on {socket.gethostname()}',
-                   'host': socket.gethostname(), 'pid': os.getpid()}
-    self._generation: Optional[int] = None
-    self._renewed = 0.0
-    self._stop = threading.Event()
-    self._thread: Optional[threading.Thread] = None
-
-  def _write(self, if_generation_match: int) -> None:
-    """Writes this run's record; raises PreconditionFailed if the generation differs."""
-    record = dict(self._owner, heartbeat=time.time(), lease_seconds=self.seconds)
-    self._blob.upload_from_string(json.dumps(record), content_type='application/json',
-                                  if_generation_match=if_generation_match)
-    self._generation = self._blob.generation
-    self._renewed = time.monotonic()
-
-  def _read(self) -> Optional[Tuple[int, Dict[str, Any]]]:
-    """(generation, record) of the lease object, or None if there is none."""
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    blob = self._blob.bucket.blob(self._blob.name)
-    try:
-      text = blob.download_as_text()
-    except exceptions.NotFound:
-      return None
-    try:
-      record = json.loads(text)
-    except ValueError:
-      record = {}
-    return blob.generation, record
-
-  def _holder_on_this_host(self, record: Dict[str, Any]) -> Optional[bool]:
-    """True for a holder of this host that runs and renewed its lease in time (same clock),
-    False for one whose process is gone; None otherwise, when only heartbeats can tell."""
-    if record.get('host') != socket.gethostname() or not isinstance(record.get('pid'), int):
-      return None
-    try:
-      os.kill(record['pid'], 0)
-    except ProcessLookupError:
-      return False
-    except PermissionError:  # Another user's live process.
-      pass
-    if time.time() - float(record.get('heartbeat', 0)) < self.seconds:
-      return True
-    return None  # Running but silent (stopped, or its pid reused): watch it as any other.
-
-  def acquire(self) -> None:
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    while True:
-      try:
-        self._write(if_generation_match=0)
-        break
-      except exceptions.PreconditionFailed:
-        pass
-      seen = self._read()
-      if seen is None:
-        continue  # Released in between: try to create it again.
-      generation, record = seen
-      live = self._holder_on_this_host(record)
-      if live:
-        raise _in_use(self.workdir, record.get('holder', 'unknown'))
-      if live is None:
-        self._wait_for_heartbeat(generation, record)
-      try:
-        self._write(if_generation_match=generation)
-      except exceptions.PreconditionFailed:  # Another run took it first.
-        seen = self._read()
-        raise _in_use(self.workdir, (seen[1] if seen else record).get('holder', 'unknown')
-                      ) from None
-      logging.warning('Took over the stale lease of %s (held by %s, no heartbeat).',
-                      self.workdir, record.get('holder', 'unknown'))
-      break
-    self._thread = threading.Thread(target=self._heartbeat, name='workdir-lease', daemon=True)
-    self._thread.start()
-
-  def _wait_for_heartbeat(self, generation: int, record: Dict[str, Any]):
-    """Watches the lease for LEASE_SECONDS; refuses as soon as its holder renews it."""
-    holder = record.get('holder', 'unknown')
-    deadline = time.monotonic() + self.seconds
-    logging.info('Workdir %s is leased by %s; waiting up to %.0f s for a heartbeat.',
-                 self.workdir, holder, self.seconds)
-    while time.monotonic() < deadline:
-      time.sleep(min(1.0, self.seconds / 8))
-      seen = self._read()
-      if seen is None or seen[0] != generation:
-        raise _in_use(self.workdir, (seen[1] if seen else record).get('holder', holder))
-
-  def _heartbeat(self) -> None:
-    from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-    while not self._stop.wait(self.seconds / 4):
-      try:
-        self._write(if_generation_match=self._generation)
-      except exceptions.PreconditionFailed:
-        self._fence('another run took the lease over')
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning('Renewing the lease of %s failed (%s: %s).', self.workdir,
-                        type(e).__name__, str(e)[:200])
-        if time.monotonic() - self._renewed > self.seconds / 2:
-          self._fence(f'no renewal for {self.seconds / 2:.0f} s')
-
-  def _fence(self, why: str) -> None:
-    """Stops the process now: it may no longer hold the workdir, so it must not write to it."""
-    logging.error('Lost the lease of %s (%s): exiting at once, without writing to it again.',
-                  self.workdir, why)
-    logging.flush()
-    os._exit(75)  # pylint: disable=protected-access
-
-  def release(self) -> None:
-    """Stops the heartbeat and deletes the lease object if it is still this run's."""
-    if self._thread is None:
-      return
-    self._stop.set()
-    self._thread.join()
-    self._thread = None
-    try:
-      seen = self._read()
-      if seen is not None and seen[0] == self._generation:
-        self._blob.bucket.blob(self._blob.name).delete(if_generation_match=self._generation)
-    except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Could not delete the lease %s/.lock (%s); the next run takes it over '
-                      'once it is stale.', self.workdir, e)

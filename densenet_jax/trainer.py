@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from densenet_jax import buckets
 from densenet_jax import checkpointing
 from densenet_jax import coordination
 from densenet_jax import input_pipeline
@@ -231,6 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     The final step and evaluation metrics; 'preempted': True if a signal stopped the run
     early (after saving a checkpoint to resume from).
   """
+  # A bucket that cannot be used is one line, before the dataset is read or anything written.
+  buckets.check(workdir)
+  unsupported = checkpointing.unsupported(workdir)
+  if unsupported:
+    raise buckets.BucketError(f'Workdir {workdir}: {unsupported}.')
   info, model = prepare(config, jax.device_count(), jax.process_count())
   if config.eval_only and not config.init_checkpoint and not _has_checkpoints(workdir):
     raise validation.ConfigError(
@@ -264,7 +270,7 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   jax.block_until_ready(state)
   logging.info('Initialised %d parameters in %.1f s.',
                sum(x.size for x in jax.tree.leaves(state.params)), time.perf_counter() - start)
-  checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpointer = checkpointing.create(workdir, keep=config.keep_checkpoints)
   run_info = run_description(config, model, info)
   state = _restore(checkpointer, state, plan, model, run_info, config.init_checkpoint)
   if info.class_names:  # Which class each output is, for whoever uses the trained model.

@@ -17,6 +17,7 @@ import pytest
 from densenet_jax import convert
 from densenet_jax import feature_reuse
 from densenet_jax import input_pipeline
+from densenet_jax import leases
 from densenet_jax import paths
 from densenet_jax import pretrained
 from densenet_jax import run_guard
@@ -81,7 +82,7 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_stale_one(bucket):
   """A holder on another host is judged by its heartbeat alone: refused while it renews,
   taken over once it has been silent for the lease's duration."""
   workdir = f'{bucket}/lease'
-  holder = run_guard.GcsLease(workdir, seconds=2)
+  holder = leases.Lease(workdir, seconds=2)
   holder._owner = {'holder': 'pid 1 on elsewhere', 'host': 'elsewhere', 'pid': 1}
   holder.acquire()
   try:
@@ -89,12 +90,12 @@ def test_lease_refuses_a_live_holder_and_takes_over_a_stale_one(bucket):
     with pytest.raises(run_guard.WorkdirInUseError,
                        match=f'Workdir {workdir} is in use by another run \\(pid 1 on '
                              r'elsewhere\). Wait for it to finish'):
-      run_guard.GcsLease(workdir, seconds=2).acquire()
+      leases.Lease(workdir, seconds=2).acquire()
     assert time.monotonic() - begin < 2
   finally:
     holder._stop.set()  # The holder stops renewing but keeps its lease object: it went silent.
     holder._thread.join()
-  taker = run_guard.GcsLease(workdir, seconds=2)
+  taker = leases.Lease(workdir, seconds=2)
   begin = time.monotonic()
   taker.acquire()
   assert time.monotonic() - begin >= 2

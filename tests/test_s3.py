@@ -1,0 +1,86 @@
+"""s3:// workdirs against moto: checkpoints staged locally and uploaded, kill -9 and resume.
+
+Orbax cannot write s3:// itself (densenet_jax/staged_checkpoints.py): a run on an s3://
+workdir must still end exactly as the same run on a local disk, a step whose upload was cut
+short (no commit file) must never be restored, and nothing may stay on the local disk.
+"""
+
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from densenet_jax import convert
+from densenet_jax import feature_reuse
+from densenet_jax import paths
+from densenet_jax import pretrained
+from densenet_jax import staged_checkpoints
+from densenet_jax import trainer
+from test_reliability import start
+from test_reliability import STEPS
+from test_training import load_params
+from test_training import results
+from test_training import tiny_config
+
+
+def committed(workdir):
+  return staged_checkpoints.committed_steps(f'{workdir}/checkpoints')
+
+
+def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
+  """The same run on a local disk and on s3://; the s3:// one is killed with -9 after its
+  first committed upload, rerun, and ends exactly as the local run."""
+  reference = str(tmp_path / 'local')
+  workdir = f'{s3_bucket}/kill9'
+  local_run, local_log = start(reference)
+  proc, log = start(workdir, log_path=str(tmp_path / 's3.log'))
+  while proc.poll() is None and not committed(workdir):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = committed(workdir)[-1]
+  assert killed_at < STEPS, open(log.name).read()[-5000:]
+  resumed, log = start(workdir, log_path=str(tmp_path / 'resumed.log'))
+  assert resumed.wait(timeout=600) == 0, open(log.name).read()[-5000:]
+  text = open(log.name).read()
+  assert f'Restored checkpoint of step {killed_at}' in text
+  assert 'Took over the stale lease' in text
+  assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
+  assert not os.path.exists(staged_checkpoints.staging_dir(workdir))  # Removed at close.
+  jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
+               load_params(reference, STEPS))
+  for key in ('step', 'eval_loss', 'eval_top1', 'eval_top5'):
+    assert results(workdir)[key] == results(reference)[key], key
+  assert committed(workdir) == [36, 38, 40]  # keep_checkpoints=3, in the bucket.
+  names = {p.name for p in paths.resolve(workdir).iterdir()}
+  assert {'checkpoints', 'results.json', 'progress.json'} <= names, names
+  assert any(n.startswith('events.out.tfevents.') for n in names), names
+  assert '.lock' not in names
+
+
+def test_an_uncommitted_step_is_never_restored(s3_bucket, caplog):
+  """A step whose upload was cut short (no commit file) is ignored: the next run resumes from
+  the committed one before it, saves the step again and ends as the first run did."""
+  workdir = f'{s3_bucket}/uncommitted'
+  config = tiny_config(num_train_steps=8)
+  first = trainer.train_and_evaluate(config, workdir)
+  assert committed(workdir) == [4, 8]
+  (paths.resolve(workdir) / 'checkpoints' / '8' / staged_checkpoints.COMMITTED).unlink()
+  assert committed(workdir) == [4]
+  with caplog.at_level('INFO'):
+    again = trainer.train_and_evaluate(config, workdir)
+  assert 'Restored checkpoint of step 4' in caplog.text
+  assert committed(workdir) == [4, 8]
+  assert again == first
+
+
+def test_converted_weights_on_s3(s3_bucket):
+  """The converter's --output and config.init_checkpoint on s3://, through a local copy."""
+  variables = {'params': {'classifier': {'kernel': np.ones((3, 2), np.float32)}},
+               'batch_stats': {'norm': {'mean': np.zeros(3, np.float32)}}}
+  output = f'{s3_bucket}/weights'
+  convert.save(variables, {'model': 'densenet121', 'overrides': {}}, output)
+  jax.tree.map(np.testing.assert_array_equal, pretrained.read_init_checkpoint(output), variables)
+  assert pretrained.read_model_json(output)['model'] == 'densenet121'
