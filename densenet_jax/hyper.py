@@ -55,3 +55,22 @@ def zipped(*lists: Sequence[Point]) -> List[Point]:
   if len(lengths) > 1:
     raise ValueError(f'zipped lists must have equal lengths, got {[len(p) for p in lists]}.')
   return [_merge(combo) for combo in zip(*lists)]
+
+
+def with_seeds(points: List[Point], seeds: int, base_seed: int) -> List[Point]:
+  """Each point run `seeds` times, with 'seed' set to base_seed + 0 .. seeds-1.
+
+  The seed changes initialisation, data order, augmentation and dropout. Every configuration's
+  first seed comes before any second one, so that a study stopped halfway has every
+  configuration at least once. The names are those of a sweep config that sweeps `seed` itself.
+
+  Raises:
+    ValueError: for seeds < 1, or seeds > 1 with a sweep config that already sets `seed`.
+  """
+  if seeds < 1:
+    raise ValueError(f'--seeds={seeds}: expected 1 or more runs per configuration.')
+  if seeds == 1:
+    return points
+  if any('seed' in p for p in points):
+    raise ValueError(f'--seeds={seeds}, but the sweep config already sweeps seed: use one.')
+  return [{**p, 'seed': base_seed + i} for i in range(seeds) for p in points]

@@ -44,6 +44,7 @@ import jax
 from ml_collections.config_flags import config_flags
 
 from densenet_jax import cli
+from densenet_jax import hyper
 from densenet_jax import launchers
 from densenet_jax import parallel
 from densenet_jax import paths
@@ -141,26 +142,6 @@ def load_points(config_arg: str) -> List[Dict[str, Any]]:
     raise SweepError(f'{path}: get_sweep({arg!r}) must return a non-empty list of dicts from '
                      f'a dotted config field to a value, got {type(points).__name__}.')
   return [dict(p) for p in points]
-
-
-def with_seeds(points: List[Dict[str, Any]], seeds: int, base_seed: int
-               ) -> List[Dict[str, Any]]:
-  """Each point run `seeds` times, with 'seed' set to base_seed + 0 .. seeds-1.
-
-  The seed changes initialisation, data order, augmentation and dropout. Every configuration's
-  first seed comes before any second one, so that a study stopped halfway has every
-  configuration at least once. The names are those of a sweep config that sweeps `seed` itself.
-
-  Raises:
-    SweepError: for seeds < 1, or seeds > 1 with a sweep config that already sets `seed`.
-  """
-  if seeds < 1:
-    raise SweepError(f'--seeds={seeds}: expected 1 or more runs per configuration.')
-  if seeds == 1:
-    return points
-  if any('seed' in p for p in points):
-    raise SweepError(f'--seeds={seeds}, but the sweep config already sweeps seed: use one.')
-  return [{**p, 'seed': base_seed + i} for i in range(seeds) for p in points]
 
 
 def _format_value(value) -> str:
@@ -272,12 +253,15 @@ def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
     common: dotted field -> value given to the sweep for every point.
     device_count, process_count: of the runs the points will be (not of this process when the
       points run elsewhere).
-    seeds: runs of every configuration (`with_seeds`).
+    seeds: runs of every configuration (`hyper.with_seeds`).
 
   Raises:
     SweepError: naming the first point that cannot run, and why.
   """
-  raw = with_seeds(load_points(config_arg), seeds, config.seed)
+  try:
+    raw = hyper.with_seeds(load_points(config_arg), seeds, config.seed)
+  except ValueError as e:
+    raise SweepError(str(e)) from None
   points = [Point(i, name, overrides) for i, (name, overrides)
             in enumerate(zip(point_names(raw), raw))]
   for point in points:

@@ -12,6 +12,7 @@ import os
 import pytest
 
 from densenet_jax import figures
+from densenet_jax import hyper
 from densenet_jax import metric_writer
 from densenet_jax import provenance
 from densenet_jax import report
@@ -96,16 +97,16 @@ def test_grouping_and_effects_on_constructed_results():
 
 def test_seeds_expand_points_like_a_swept_seed():
   points = [{'model.growth_rate': 12}, {'model.growth_rate': 24}]
-  seeded = sweep.with_seeds(points, 3, 5)
+  seeded = hyper.with_seeds(points, 3, 5)
   assert [p['seed'] for p in seeded] == [5, 5, 6, 6, 7, 7]  # every configuration once first
   swept = [{**p, 'seed': s} for p in points for s in (5, 6, 7)]
   assert sorted(sweep.point_names(seeded)) == sorted(sweep.point_names(swept))
   assert 'growth_rate=12,seed=6' in sweep.point_names(seeded)
-  assert sweep.with_seeds(points, 1, 0) == points  # single-seed names are unchanged
-  with pytest.raises(sweep.SweepError, match='--seeds=0: expected 1 or more'):
-    sweep.with_seeds(points, 0, 0)
-  with pytest.raises(sweep.SweepError, match='already sweeps seed'):
-    sweep.with_seeds(swept, 2, 0)
+  assert hyper.with_seeds(points, 1, 0) == points  # single-seed names are unchanged
+  with pytest.raises(ValueError, match='--seeds=0: expected 1 or more'):
+    hyper.with_seeds(points, 0, 0)
+  with pytest.raises(ValueError, match='already sweeps seed'):
+    hyper.with_seeds(swept, 2, 0)
 
 
 def _write_run(directory, name, *, top1, commit, status='done', steps=(5, 10)):
