@@ -36,6 +36,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def wait_until_up(emulator, url: str, seconds: float, name: str, log_path: str) -> None:
+  """Polls `url` until the emulator's server answers; stops it and raises if its process
+  exits or `seconds` pass first (shared by the GCS and S3 emulators)."""
+  deadline = time.monotonic() + seconds
+  while True:
+    try:
+      urllib.request.urlopen(url, timeout=2).close()
+      return
+    except (urllib.error.URLError, OSError):
+      exited = emulator._process.poll() is not None  # pylint: disable=protected-access
+      if exited or time.monotonic() > deadline:
+        emulator.stop()
+        raise RuntimeError(f'{name} did not start; see {log_path}') from None
+      time.sleep(0.05)
+
+
 class Emulator:
   """fake-gcs-server on a free local port, in memory, with one bucket, BUCKET."""
 
@@ -47,16 +63,7 @@ class Emulator:
         [_binary(), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
          '-port', str(self.port), '-external-url', self.url, '-log-level', 'warn'],
         stdout=self._log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-      try:
-        urllib.request.urlopen(f'{self.url}/storage/v1/b', timeout=2).close()
-        break
-      except (urllib.error.URLError, OSError):
-        if self._process.poll() is not None or time.monotonic() > deadline:
-          self.stop()
-          raise RuntimeError(f'fake-gcs-server did not start; see {log_path}')
-        time.sleep(0.05)
+    wait_until_up(self, f'{self.url}/storage/v1/b', 30, 'fake-gcs-server', log_path)
     request = urllib.request.Request(
         f'{self.url}/storage/v1/b?project=test', data=json.dumps({'name': BUCKET}).encode(),
         headers={'Content-Type': 'application/json'})

@@ -8,9 +8,6 @@ TensorStore) reaches it through $AWS_ENDPOINT_URL, with fake credentials.
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 from densenet_jax import buckets
 import gcs_emulator
@@ -32,16 +29,7 @@ class Emulator:
     self._process = subprocess.Popen(
         [sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(self.port)],
         stdout=self._log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-      try:
-        urllib.request.urlopen(f'{self.url}/moto-api/', timeout=2).close()
-        break
-      except (urllib.error.URLError, OSError):
-        if self._process.poll() is not None or time.monotonic() > deadline:
-          self.stop()
-          raise RuntimeError(f'moto did not start; see {log_path}')
-        time.sleep(0.1)
+    gcs_emulator.wait_until_up(self, f'{self.url}/moto-api/', 60, 'moto', log_path)
     variables = dict(ENV, AWS_ENDPOINT_URL=self.url)
     self._saved = {name: os.environ.get(name) for name in variables}
     os.environ.update(variables)

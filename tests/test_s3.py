@@ -18,6 +18,7 @@ from densenet_jax import paths
 from densenet_jax import pretrained
 from densenet_jax import staged_checkpoints
 from densenet_jax import trainer
+from test_object_store import resume_after_kill
 from test_reliability import start
 from test_reliability import STEPS
 from test_training import load_params
@@ -42,12 +43,7 @@ def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
   proc.wait()
   killed_at = committed(workdir)[-1]
   assert killed_at < STEPS, open(log.name).read()[-5000:]
-  resumed, log = start(workdir, log_path=str(tmp_path / 'resumed.log'))
-  assert resumed.wait(timeout=600) == 0, open(log.name).read()[-5000:]
-  text = open(log.name).read()
-  assert f'Restored checkpoint of step {killed_at}' in text
-  assert 'Took over the stale lease' in text
-  assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
+  resume_after_kill(workdir, killed_at, tmp_path, local_run, local_log)
   assert not os.path.exists(staged_checkpoints.staging_dir(workdir))  # Removed at close.
   jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
                load_params(reference, STEPS))
