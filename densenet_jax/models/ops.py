@@ -207,9 +207,30 @@ def take_slice(x: jax.Array, start, size: int, axis: int) -> jax.Array:
 
 def pad(x: jax.Array, padding, value=0.0) -> jax.Array:
   """`lax.pad(x, value, padding)` on the bits (a padded bfloat16 array is otherwise made in
-  float32, and rounded to bfloat16 again by each reader)."""
+  float32, and rounded to bfloat16 again by each reader). `padding`: (low, high, 0) per axis,
+  low and high >= 0. Differentiable: its gradient is the cotangent's unpadded part (the bits
+  themselves carry none)."""
+  return _pad(x, tuple(tuple(p) for p in padding), float(value))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _pad(x, padding, value):
   value = jnp.asarray(value, x.dtype)
   return from_bits(lax.pad(bits(x), bits(value), padding), x.dtype)
+
+
+def _pad_fwd(x, padding, value):
+  return _pad(x, padding, value), None
+
+
+def _pad_bwd(padding, value, residuals, g):
+  del value, residuals
+  start = [low for low, _, _ in padding]
+  limit = [n - high for n, (_, high, _) in zip(g.shape, padding)]
+  return (lax.slice(g, start, limit),)
+
+
+_pad.defvjp(_pad_fwd, _pad_bwd)
 
 
 def add_at(total: jax.Array, part: jax.Array, start, axis: int) -> jax.Array:
