@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = config_dict.placeholder(float)
   # What follows every BatchNorm: 'relu' (the paper's, and the default), 'silu' or 'gelu'.
   config.model.activation = config_dict.placeholder(str)
+  # Squeeze-and-excitation on each dense layer's k new maps, with round(se_ratio * k) hidden
+  # units (Hu et al., 2018); None: the DenseNet's default, 0 (off, the paper's layer).
+  config.model.se_ratio = config_dict.placeholder(float)
   # Classifier size; None: the number of classes of the dataset.
   config.model.num_classes = config_dict.placeholder(int)
   # BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5) and decay (Flax convention: 0.9).
@@ -62,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
   # TPU one chunk as wide as the widest input, or when memory_efficient 128 in the first block
   # and 4x as many in each later one (the same workspace in each; models/policy.py).
   config.model.scan_chunk = config_dict.placeholder(int)
+  # Let scanned blocks of the paper's layer take the path written for it (models/scanned.py);
+  # False sends them to the generic path any layer takes (models/generic_scan.py), to measure
+  # what an unusual layer costs. Same results. None: the DenseNet's default, True.
+  config.model.specialised = config_dict.placeholder(bool)
   # ResNet fields (models/resnet.py). Residual blocks per stage, e.g. (3, 4, 6, 3); ImageNet.
   config.model.stage_sizes = config_dict.placeholder(tuple)
   # Maps of each stage's 3x3 convolutions, e.g. (64, 128, 256, 512).

@@ -74,6 +74,12 @@ def main(argv):
   print(summarize(model, size))
   print(f'\n{family.gmacs(model, size):.3f} GMACs per {size}x{size} image '
         '(multiply-accumulates of the convolutions and the classifier, forward).')
+  platforms = dict.fromkeys((jax.default_backend(), 'gpu', 'tpu'))
+  if family.block_paths(model, 'cpu'):
+    print('\nHow each block is computed (densenet_jax/models/dispatch.py):')
+    for platform in platforms:
+      for line in family.block_paths(model, platform):
+        print(f'  {platform} {line}')
 
 
 if __name__ == '__main__':

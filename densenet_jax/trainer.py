@@ -263,6 +263,8 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
     # Built here on first use (seconds), before anything is traced.
     logging.info('CPU convolutions: %s.', 'oneDNN' if onednn.available() else
                  f'XLA\'s ({onednn.unavailable_reason()})')
+  for line in family.block_paths(model, mesh.devices.flat[0].platform):
+    logging.info('Dense %s', line)
 
   start = time.perf_counter()
   state, state_shardings = train_lib.create_train_state(

@@ -1,7 +1,7 @@
 """DenseNet and ResNet models: modules, the papers' named variants and `create_model`."""
 
 from densenet_jax.models.densenet import DenseBlock
-from densenet_jax.models.densenet import DenseLayer
+from densenet_jax.models.dense_layer import DenseLayer
 from densenet_jax.models.densenet import DenseNet
 from densenet_jax.models.densenet import Transition
 from densenet_jax.models.family import gmacs

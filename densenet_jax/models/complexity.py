@@ -8,9 +8,11 @@ pooling or concatenation, counted for the network the paper defines (a transitio
 convolution at the resolution before its 2x2 pool, even where we compute it after the pool,
 which gives the same result with a quarter of the work). densenet121 at 224x224: 2.83 GMACs.
 
-It is counted from the architecture's fields, so it costs nothing and needs no compilation.
+It is counted from the architecture's fields and the dense layer's declaration (each unit of
+dense_layer.structure counts its own), so it costs nothing and needs no compilation.
 """
 
+from densenet_jax.models import dense_layer
 from densenet_jax.models.densenet import DenseNet
 
 
@@ -30,14 +32,10 @@ def densenet_macs(model: DenseNet, image_size: int, channels: int = 3) -> int:
     macs = 3 * 3 * channels * stem * size * size
   k = model.growth_rate
   inputs = model.block_inputs
+  units = dense_layer.structure(model.layer_spec)   # each unit counts its own
   for block, num_layers in enumerate(model.block_sizes):
     for layer in range(num_layers):
-      width = inputs[block] + layer * k
-      if model.bottleneck:
-        bottleneck = model.bn_size * k
-        macs += (width * bottleneck + 3 * 3 * bottleneck * k) * size * size
-      else:
-        macs += 3 * 3 * width * k * size * size
+      macs += dense_layer.macs(units, inputs[block] + layer * k, size * size)
     out = inputs[block] + num_layers * k
     if block + 1 < len(model.block_sizes):
       macs += out * inputs[block + 1] * size * size

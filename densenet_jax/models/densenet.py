@@ -15,10 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from densenet_jax.models import dense_layer
 from densenet_jax.models import efficient
+from densenet_jax.models import generic_scan
 from densenet_jax.models import initializers
 from densenet_jax.models import layer
 from densenet_jax.models import ops
+from densenet_jax.models import dispatch
 from densenet_jax.models import pooling
 from densenet_jax.models import policy
 from densenet_jax.models import scanned
@@ -66,70 +69,42 @@ class Conv(nn.Module):
     return ops.conv(x.astype(self.dtype), kernel, self.strides, self.padding)   # as above
 
 
-class DenseLayer(nn.Module):
-  """One layer of a dense block: [BN-act-Conv1x1] then BN-act-Conv3x3 to `growth_rate` maps,
-  dropout after each convolution; the math is `layer.py`'s, set by `spec`.
-
-  The layer takes the *list* of feature maps produced so far in its block rather than their
-  concatenation, so that the memory-efficient mode can rebuild the concatenation in the backward
-  pass instead of storing it (Pleiss et al., "Memory-Efficient Implementation of DenseNets").
-
-  Attributes:
-    spec: the layer's definition (growth rate, bottleneck, activation, dropout, BatchNorm).
-    memory_efficient: recompute concatenation, first BN, activation and first convolution in
-      the backward pass instead of storing them (efficient.py).
-  """
-
-  spec: layer.Spec
-  memory_efficient: bool = False
-
-  @nn.compact
-  def __call__(self, features: Sequence[Array], train: bool, key=None) -> Array:
-    """`key`: the layer's raw dropout key (`layer.block_keys`), None without dropout."""
-    spec, initializing = self.spec, self.is_initializing()
-    first_key, second_key = layer.unit_keys(key)
-    if self.memory_efficient:
-      y = layer.dropout(spec, efficient.recomputed_first_unit(
-          spec, features, train=train, kernel_init=conv_kernel_init, norm_name='norm1',
-          conv_name='conv1', initializing=initializing), first_key)
-    else:
-      y = layer.unit(spec, jnp.concatenate(features, axis=-1), features=spec.first_features,
-                     size=spec.first_size, train=train, key=first_key, norm_name='norm1',
-                     conv_name='conv1', kernel_init=conv_kernel_init, initializing=initializing)
-    if spec.bottleneck:
-      y = layer.unit(spec, y, features=spec.growth_rate, size=3, train=train, key=second_key,
-                     norm_name='norm2', conv_name='conv2', kernel_init=conv_kernel_init,
-                     initializing=initializing)
-    return y
-
-
 class DenseBlock(nn.Module):
   """`num_layers` dense layers; each sees the concatenation of the block input and all earlier
   layers' outputs. Returns that concatenation, with `in + num_layers * growth_rate` maps.
 
-  Unrolled (`scan_segments=0`) every layer is a `DenseLayer`; scanned, the layers run as loops
-  over one feature buffer (scanned.py) with the same variables, the same math and the same
-  dropout masks. `chunks`: the execution policy's chunk sizes (policy.py).
+  The layer is dense_layer.py's; `dispatch.block_path` chooses how the block computes it: unrolled
+  `DenseLayer`s, or loops over one feature buffer (the specialised scanned.py for the paper's
+  layer, generic_scan.py for any other), with the same variables, math and dropout masks.
+  `chunks`: the execution policy's chunk sizes (policy.py).
   """
 
   spec: layer.Spec
   num_layers: int
   memory_efficient: bool = False
   scan_segments: int = 0
+  specialised: bool = True
   chunks: policy.Chunks = policy.Chunks(64, 64)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     keys = layer.block_keys(self, self.spec, self.num_layers, train)
-    if self.scan_segments:
+    path = dispatch.block_path(self.spec, scan_segments=self.scan_segments,
+                            specialised=self.specialised)
+    if path == dispatch.SPECIALISED:
       return scanned.scanned_block(
           self, x, self.spec, keys, num_layers=self.num_layers, kernel_init=conv_kernel_init,
           num_segments=self.scan_segments, memory_efficient=self.memory_efficient, train=train,
           chunks=self.chunks)
+    if path == dispatch.GENERIC:
+      return generic_scan.scanned_block(
+          self, x, self.spec, keys, num_layers=self.num_layers, kernel_init=conv_kernel_init,
+          num_segments=self.scan_segments, train=train)
     features = [x]
     for i in range(self.num_layers):
-      y = DenseLayer(self.spec, self.memory_efficient, name=f'layer{i + 1}')(
-          features, train, None if keys is None else keys[i])
+      y = dense_layer.DenseLayer(self.spec, self.memory_efficient, conv_kernel_init,
+                                 name=f'layer{i + 1}')(
+                                     features, train, None if keys is None else keys[i])
       features.append(y)
     return jnp.concatenate(features, axis=-1)
 
@@ -183,6 +158,8 @@ class DenseNet(nn.Module):
     dropout_rate: dropout after every convolution except the stem's, as in the paper.
     activation: what follows every BatchNorm: 'relu' (the paper's), 'silu' or 'gelu'
       (layer.ACTIVATIONS).
+    se_ratio: squeeze-and-excitation on each dense layer's k new maps, with
+      max(1, round(se_ratio * k)) hidden units; 0 (the paper's layer) turns it off.
     num_classes: size of the classifier.
     bn_epsilon: BatchNorm epsilon (torchvision 1e-5, Keras 1.001e-5).
     bn_momentum: BatchNorm running-average decay in Flax's convention (torchvision's
@@ -195,6 +172,9 @@ class DenseNet(nn.Module):
     scan_chunk: input channels per step of a scanned layer's first convolution (scanned.py)
       and of a memory-efficient transition (efficient.chunked_transition); None picks
       it for the platform and the model's layer widths (`policy.scan_chunk`).
+    specialised: let scanned blocks of the paper's layer take the path written for it
+      (scanned.py); False sends them to the generic path every layer can take
+      (generic_scan.py), to measure what an unusual layer costs. Same results either way.
   """
 
   block_sizes: Sequence[int]
@@ -206,6 +186,7 @@ class DenseNet(nn.Module):
   stem: str = 'imagenet'
   dropout_rate: float = 0.0
   activation: str = 'relu'
+  se_ratio: float = 0.0
   num_classes: int = 1000
   bn_epsilon: float = 1e-5
   bn_momentum: float = 0.9
@@ -213,6 +194,7 @@ class DenseNet(nn.Module):
   memory_efficient: bool = False
   scan_segments: int = 1
   scan_chunk: Optional[int] = None
+  specialised: bool = True
 
   def __post_init__(self):
     validate_fields(self)
@@ -243,7 +225,7 @@ class DenseNet(nn.Module):
     """The definition of this network's dense layers (and its BN-activation everywhere)."""
     return layer.Spec(self.growth_rate, self.bn_size, self.bottleneck, float(self.dropout_rate),
                       self.activation, float(self.bn_epsilon), float(self.bn_momentum),
-                      jnp.dtype(self.dtype))
+                      jnp.dtype(self.dtype), float(self.se_ratio))
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> Array:
@@ -265,7 +247,8 @@ class DenseNet(nn.Module):
     for i, num_layers in enumerate(self.block_sizes):
       chunks = policy.chunks(self, i)   # the block's and its transition's
       x = DenseBlock(spec, num_layers, memory_efficient=self.memory_efficient,
-                     scan_segments=self.scan_segments, chunks=chunks, name=f'block{i + 1}')(
+                     scan_segments=self.scan_segments, specialised=self.specialised,
+                     chunks=chunks, name=f'block{i + 1}')(
                          x, train)
       if i + 1 < len(self.block_sizes):
         x = Transition(spec, self.block_inputs[i + 1], memory_efficient=self.memory_efficient,
@@ -306,6 +289,11 @@ def validate_fields(model: DenseNet) -> None:
     fail('dropout_rate', 'a number in [0, 1)')
   if model.activation not in layer.ACTIVATIONS:
     fail('activation', f'one of {tuple(layer.ACTIVATIONS)}')
+  if (not isinstance(model.se_ratio, (int, float)) or isinstance(model.se_ratio, bool)
+      or not 0 <= model.se_ratio <= 1):
+    fail('se_ratio', 'a number in [0, 1] (0: no squeeze-and-excitation)')
+  if not isinstance(model.specialised, bool):
+    fail('specialised', 'True or False')
   if not is_int(model.scan_segments) or model.scan_segments < 0:
     fail('scan_segments', 'a non-negative integer (0: unrolled layers)')
   if model.scan_chunk is not None and (not is_int(model.scan_chunk) or model.scan_chunk <= 0):

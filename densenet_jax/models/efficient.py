@@ -1,6 +1,7 @@
 """The memory-efficient mode: what it recomputes in the backward pass instead of storing.
 
-Each layer's concatenation + BN + activation + convolution (Pleiss et al., 2017), below; the
+Each layer's concatenation and first unit (Pleiss et al., 2017; any unit of
+dense_layer.structure, BN + activation + convolution in the paper's layer), below; the
 transitions, chunk by chunk (`chunked_transition`); the ImageNet stem
 (`recomputed_imagenet_stem`). The math is models/layer.py's; only what is kept differs.
 
@@ -8,8 +9,8 @@ In a dense block, layer i reads the concatenation of all i earlier feature maps.
 stores, for every layer, that concatenation and its normalised, rectified copy: stored memory
 grows quadratically with depth. Here each layer stores only references to the feature maps it
 was given (which are shared by all layers of the block, so they cost linear memory in total) and
-rebuilds the concatenation, BatchNorm, activation and first convolution during the backward
-pass.
+rebuilds the concatenation and its first unit during the backward pass, differentiating the
+unit's own definition with `jax.vjp`.
 
 Why not `nn.remat`/`jax.checkpoint`: XLA:CPU removes the optimisation barriers that
 `jax.checkpoint` inserts (its `cse_barrier_expander` pass) before common-subexpression
@@ -40,64 +41,57 @@ from densenet_jax.models import policy
 Array = jax.Array
 
 
-def _first_unit(spec: layer.Spec, pieces, mean, var, scale, bias, kernel):
-  """The first unit's convolution (before dropout) on the concatenation of `pieces`."""
-  x = jnp.concatenate(pieces, axis=-1)
-  return layer.convolve(spec, layer.pre_activation(spec, x, mean, var, scale, bias), kernel)
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+  """What `_recomputed` fixes at trace time (hashable, for custom_vjp)."""
+
+  spec: layer.Spec
+  unit: Any   # a unit of dense_layer.structure
+  train: bool
+
+
+def _unit_on_pieces(static: _Unit, pieces, v, key):
+  """The unit on the concatenation of `pieces`: (output, batch statistics)."""
+  return static.unit.apply(static.spec, v, jnp.concatenate(pieces, axis=-1), train=static.train,
+                           key=key)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _recomputed(spec, pieces, mean, var, scale, bias, kernel):
-  return _first_unit(spec, pieces, mean, var, scale, bias, kernel)
+def _recomputed(static, pieces, v, key):
+  return _unit_on_pieces(static, pieces, v, key)
 
 
-def _recomputed_fwd(spec, pieces, mean, var, scale, bias, kernel):
+def _recomputed_fwd(static, pieces, v, key):
   # Residuals: the inputs only. The pieces are the block's own feature maps, alive anyway.
-  return _first_unit(spec, pieces, mean, var, scale, bias, kernel), (
-      pieces, mean, var, scale, bias, kernel)
+  return _unit_on_pieces(static, pieces, v, key), (pieces, v, key)
 
 
-def _recomputed_bwd(spec, residuals, g):
-  pieces, *rest = residuals
+def _recomputed_bwd(static, residuals, cotangents):
+  """Recomputes the unit and differentiates it with `jax.vjp`: any unit, no written
+  derivative. The batch statistics output only moves running averages: no gradient."""
+  pieces, v, key = residuals
+  g = cotangents[0]
   # Make the recomputation depend on the cotangent: adding 0 * g[0] (which XLA may not fold,
   # since 0 * NaN is NaN) gives its inputs values the forward pass never had, so no compiler
   # pass can merge it back into the forward pass or hoist it there. An optimisation barrier
   # does not do this on CPU: XLA's cse_barrier_expander removes barriers before CSE runs.
   zero = ops.zero_after(g)
   pieces = tuple(p + zero.astype(p.dtype) for p in pieces)
-  _, vjp = jax.vjp(functools.partial(_first_unit, spec), pieces, *rest)
-  return vjp(g)
+  _, vjp = jax.vjp(lambda p, vv: _unit_on_pieces(static, p, vv, key)[0], pieces, v)
+  d_pieces, d_v = vjp(g)
+  return d_pieces, d_v, None
 
 
 _recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
 
 
-def recomputed_first_unit(spec: layer.Spec, features: Sequence[Array], *, train: bool,
-                          kernel_init: Any, norm_name: str, conv_name: str,
-                          initializing: bool) -> Array:
-  """A dense layer's first unit before dropout, `convolve(pre_activation(concatenate(
-  features)))`, recomputed in the backward pass.
-
-  Call it from inside a compact method: the variables are declared in the calling module under
-  `norm_name` (scale, bias; mean, var) and `conv_name` (kernel), as `layer.unit` declares them.
-  `features` are the feature maps [batch, height, width, c_j] the layer concatenates; the
-  result has `spec.first_features` maps in `spec.dtype`.
+def recomputed_unit(spec: layer.Spec, unit, v, features: Sequence[Array], key, *,
+                    train: bool):
+  """A dense layer's first unit on the concatenation of `features` (the block's earlier feature
+  maps, [batch, height, width, c_j]), recomputed in the backward pass: (output, batch
+  statistics), as `unit.apply` gives them. `v`: the layer's variable values (dense_layer.Values).
   """
-  channels = sum(f.shape[-1] for f in features)
-  norm = layer.BatchNormVariables(channels, name=norm_name)
-  scale, bias, ra_mean, ra_var = norm()
-  kernel_shape = (spec.first_size, spec.first_size, channels, spec.first_features)
-  kernel = layer.ConvKernel(kernel_shape, kernel_init, name=conv_name)()
-  if train:
-    # Per-channel statistics of a concatenation are the concatenation of per-piece statistics,
-    # so the concatenated tensor is never built for them.
-    mean, mean_sq = (jnp.concatenate(m) for m in zip(*(layer.moments(f) for f in features)))
-    var = layer.variance(mean, mean_sq)
-    if not initializing:
-      norm((mean, var), spec.momentum)
-  else:
-    mean, var = ra_mean, ra_var
-  return _recomputed(spec, tuple(features), mean, var, scale, bias, kernel)
+  return _recomputed(_Unit(spec, unit, train), tuple(features), v, key)
 
 
 def _pre_activation(spec: layer.Spec, x, scale, bias, mean, var, train: bool):
@@ -239,7 +233,7 @@ def chunked_transition(spec: layer.Spec, x: Array, *, out_features: int, pool: b
   channels = x.shape[-1]
   norm = layer.BatchNormVariables(channels, name=norm_name)
   scale, bias, ra_mean, ra_var = norm()
-  kernel = layer.ConvKernel((1, 1, channels, out_features), kernel_init, name=conv_name)()
+  kernel = layer.ConvKernel((1, 1, channels, out_features), kernel_init, name=conv_name)()['kernel']
   static = _Chunked(spec, train, pool, chunks.at_most(channels))
   y, batch_stats = _chunked_transition(static, x, scale, bias, ra_mean, ra_var, kernel)
   if train and not initializing:
@@ -300,7 +294,8 @@ def recomputed_imagenet_stem(spec: layer.Spec, images: Array, *, features: int, 
   forward pass per step and keeps only the images. Variables as `nn.Conv` (bias-free, under
   `conv_name`) and `nn.BatchNorm` (under `norm_name`) declare them.
   """
-  kernel = layer.ConvKernel((7, 7, images.shape[-1], features), kernel_init, name=conv_name)()
+  kernel = layer.ConvKernel((7, 7, images.shape[-1], features), kernel_init,
+                            name=conv_name)()['kernel']
   norm = layer.BatchNormVariables(features, name=norm_name)
   scale, bias, ra_mean, ra_var = norm()
   y, batch_stats = _recomputed_stem(_Stem(spec, train), images, kernel, scale, bias, ra_mean,

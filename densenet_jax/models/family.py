@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Tuple
 
 from densenet_jax.models import complexity
 from densenet_jax.models import densenet
+from densenet_jax.models import dispatch
 from densenet_jax.models import resnet
 
 
@@ -28,11 +29,14 @@ class Family:
   computation_fields: Tuple[str, ...]
   # (model, {'params', 'batch_stats'}) -> the same variables in the model's layout.
   layout: Callable[[Any, Dict[str, Any]], Dict[str, Any]] = lambda model, variables: variables
+  # (model, platform) -> one line per block: which implementation computes it there.
+  blocks: Callable[[Any, str], Tuple[str, ...]] = lambda model, platform: ()
 
 
 FAMILIES = (
     Family(densenet.DenseNet, complexity.densenet_macs, densenet.min_image_size,
-           ('dtype', 'memory_efficient', 'scan_segments', 'scan_chunk')),
+           ('dtype', 'memory_efficient', 'scan_segments', 'scan_chunk', 'specialised'),
+           blocks=dispatch.describe),
     # scan_blocks is not among them: it stacks the blocks' variables (resnet.to_layout).
     Family(resnet.ResNet, resnet.resnet_macs, resnet.min_image_size, ('dtype',),
            resnet.to_layout),
@@ -62,3 +66,9 @@ def architecture(model) -> Dict[str, Any]:
   left_out = ('parent', 'name') + family_of(model).computation_fields
   return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
           if f.name not in left_out}
+
+
+def block_paths(model, platform: str) -> Tuple[str, ...]:
+  """How each block of `model` is computed when lowered for `platform` (models/dispatch.py),
+  one line each; empty for families with one implementation."""
+  return family_of(model).blocks(model, platform)

@@ -1,20 +1,11 @@
-"""The dense layer's computation, written once.
+"""The math of every BatchNorm, activation, convolution and dropout of the DenseNets, written once.
 
-A dense layer is one or two *units*, each BatchNorm, activation, convolution, dropout:
-
-    bottleneck (DenseNet-B):  unit(1x1 -> bn_size * k maps), then unit(3x3 -> k maps)
-    without:                  unit(3x3 -> k maps)
-
-on the concatenation of every earlier feature map of its block. Every implementation of the
-layer (unrolled and scanned, standard and memory-efficient, chunk by chunk and through oneDNN's
-fused call) is assembled from the functions here: `statistics` and `normalize` (BatchNorm),
-`pre_activation` (BatchNorm then the activation), `convolve`, `dropout` and `unit_keys`. A
-change to the layer's math is made here and reaches every path; the implementations differ
-only in what they store, recompute and fuse (docs/design.md).
-
-A fast path that computes only part of this space says so and is taken only there: the fused
-oneDNN call (`policy.fused_bottleneck`) computes ReLU units only, in float32 (from a float32 or
-bfloat16 buffer).
+`statistics` and `normalize` (BatchNorm), `pre_activation` (BatchNorm then the activation),
+`convolve` and `dropout`; `Spec`, the fields that define a dense layer; and the modules that
+declare variables exactly as `nn.BatchNorm`, `nn.Conv` and `nn.Dense` do. The dense layer's
+structure (which units, in which order, with which variables) is declared in dense_layer.py;
+every path that computes it, and the stem, transitions and ResNets, compute with the functions
+here, so a change to the math is made once and reaches all of them.
 """
 
 import dataclasses
@@ -49,6 +40,8 @@ class Spec:
     activation: a key of `ACTIVATIONS`.
     epsilon, momentum: BatchNorm's, Flax convention (momentum 0.9 is torchvision's 0.1).
     dtype: computation dtype; statistics and normalisation are float32.
+    se_ratio: squeeze-and-excitation on the layer's new maps, with round(se_ratio * k) hidden
+      units (0: none).
   """
 
   growth_rate: int
@@ -59,6 +52,7 @@ class Spec:
   epsilon: float = 1e-5
   momentum: float = 0.9
   dtype: Any = jnp.float32
+  se_ratio: float = 0.0
 
   @property
   def first_features(self) -> int:
@@ -161,14 +155,6 @@ def block_keys(module: nn.Module, spec: Spec, num_layers: int, train: bool) -> O
   return keys
 
 
-def unit_keys(key: Optional[Array]):
-  """A layer's key split into its two units' dropout keys ((None, None) without dropout)."""
-  if key is None:
-    return None, None
-  first, second = jax.random.split(key)
-  return first, second
-
-
 class BatchNormVariables(nn.Module):
   """Declares exactly the variables of `nn.BatchNorm` (scale, bias; mean, var) for C features,
   so that checkpoints are those of `nn.BatchNorm`.
@@ -192,6 +178,20 @@ class BatchNormVariables(nn.Module):
     return scale, bias, mean.value, var.value
 
 
+class DenseVariables(nn.Module):
+  """Declares exactly the variables of `nn.Dense` (kernel [in, out], bias [out]); returns
+  {'kernel', 'bias'}."""
+
+  in_features: int
+  out_features: int
+
+  @nn.compact
+  def __call__(self):
+    shape = (self.in_features, self.out_features)
+    return {'kernel': self.param('kernel', nn.initializers.lecun_normal(), shape, jnp.float32),
+            'bias': self.param('bias', nn.initializers.zeros, shape[1:], jnp.float32)}
+
+
 class ConvKernel(nn.Module):
   """Declares exactly the `kernel` variable of a bias-free `nn.Conv`."""
 
@@ -200,7 +200,7 @@ class ConvKernel(nn.Module):
 
   @nn.compact
   def __call__(self):
-    return self.param('kernel', self.kernel_init, tuple(self.shape), jnp.float32)
+    return {'kernel': self.param('kernel', self.kernel_init, tuple(self.shape), jnp.float32)}
 
 
 def batch_norm(x: Array, *, momentum: float, train: bool, name: str, initializing: bool):
@@ -221,12 +221,3 @@ def norm_activation(spec: Spec, x: Array, *, train: bool, name: str,
   """`pre_activation` of x with a BatchNorm declared under `name` (call inside compact)."""
   return pre_activation(spec, x, *batch_norm(x, momentum=spec.momentum, train=train, name=name,
                                              initializing=initializing))
-
-
-def unit(spec: Spec, x: Array, *, features: int, size: int, train: bool, key, norm_name: str,
-         conv_name: str, kernel_init: Any, initializing: bool) -> Array:
-  """BatchNorm, activation, convolution, dropout: one unit, variables declared as `nn.BatchNorm`
-  and a bias-free `nn.Conv` declare them (call inside a compact method)."""
-  h = norm_activation(spec, x, train=train, name=norm_name, initializing=initializing)
-  kernel = ConvKernel((size, size, x.shape[-1], features), kernel_init, name=conv_name)()
-  return dropout(spec, convolve(spec, h, kernel), key)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from densenet_jax.models import dense_layer
 from densenet_jax.models import layer
 from densenet_jax.models import ops
 from densenet_jax.models import policy
@@ -185,34 +186,38 @@ def _segment_bwd(static, residuals, cotangents):
 _segment.defvjp(_segment_fwd, _segment_bwd)
 
 
-class _LayerVariables(nn.Module):
-  """Declares one dense layer's variables under the unrolled `DenseLayer`'s names and shapes.
+def computes(spec: layer.Spec):
+  """The layer structure this path is written for (dense_layer.structure of the paper's layer):
+  BN-act-Conv1x1 to bn_size * k maps then BN-act-Conv3x3 to k maps, or one BN-act-Conv3x3.
+  Its hand-written backward pass, carried statistics, chunks and oneDNN's fused call compute
+  exactly this and nothing else."""
+  k = spec.growth_rate
+  if spec.bottleneck:
+    return (dense_layer.NormActConv('norm1', 'conv1', 1, spec.bn_size * k),
+            dense_layer.NormActConv('norm2', 'conv2', 3, k))
+  return (dense_layer.NormActConv('norm1', 'conv1', 3, k),)
 
-  Called without arguments it returns their values; called with `new_stats` (batch statistics
-  of the layer's BatchNorms) it first moves the running averages towards them.
-  """
 
-  in_features: int
-  spec: layer.Spec
-  kernel_init: Any
+def supports(spec: layer.Spec, units) -> bool:
+  """Whether this path computes a layer of `units` (any other takes generic_scan.py)."""
+  return tuple(units) == computes(spec)
 
-  @nn.compact
-  def __call__(self, new_stats=None):
-    spec = self.spec
-    variables = {}
-    norms = [('1', self.in_features)]
-    convs = [('1', (spec.first_size, spec.first_size, self.in_features, spec.first_features))]
-    if spec.bottleneck:
-      norms.append(('2', spec.first_features))
-      convs.append(('2', (3, 3, spec.first_features, spec.growth_rate)))
-    for n, features in norms:
-      batch_stats = None if new_stats is None else (new_stats['mean' + n], new_stats['var' + n])
-      scale, bias, mean, var = layer.BatchNormVariables(features, name='norm' + n)(
-          batch_stats, spec.momentum)
-      variables.update({'scale' + n: scale, 'bias' + n: bias, 'mean' + n: mean, 'var' + n: var})
-    for n, shape in convs:
-      variables['kernel' + n] = layer.ConvKernel(shape, self.kernel_init, name='conv' + n)()
-    return variables
+
+def _flat(v, bottleneck: bool):
+  """A layer's variable values (dense_layer.Values) under the names this path indexes:
+  scale1, bias1, mean1, var1, kernel1 (and ...2 with bottleneck)."""
+  out = {}
+  for n in ('1', '2') if bottleneck else ('1',):
+    out.update({name + n: v['norm' + n][name] for name in ('scale', 'bias', 'mean', 'var')})
+    out['kernel' + n] = v['conv' + n]['kernel']
+  return out
+
+
+def _nested(stats):
+  """This path's per-layer batch statistics (mean1, var1, ...) as dense_layer.update takes
+  them."""
+  return {'norm' + n: {'mean': stats['mean' + n], 'var': stats['var' + n]}
+          for n in ('1', '2') if 'mean' + n in stats}
 
 
 def _padded(p, width):
@@ -256,9 +261,10 @@ def scanned_block(module: nn.Module, x: Array, spec: layer.Spec, keys: Optional[
   """
   in_features = x.shape[-1]
   k = spec.growth_rate
-  layers = [_LayerVariables(in_features + i * k, spec, kernel_init, name=f'layer{i + 1}')
-            for i in range(num_layers)]
-  variables = [layer_vars() for layer_vars in layers]
+  units = computes(spec)
+  layers = [dense_layer.LayerVariables(units, in_features + i * k, kernel_init,
+                                       name=f'layer{i + 1}') for i in range(num_layers)]
+  variables = [_flat(layer_vars(), spec.bottleneck) for layer_vars in layers]
   initializing = module.is_initializing()
   if keys is None:
     keys = jnp.zeros((num_layers, 2), jnp.uint32)   # unused: no dropout
@@ -288,6 +294,6 @@ def scanned_block(module: nn.Module, x: Array, spec: layer.Spec, keys: Optional[
       stats = jax.lax.stop_gradient(stats)
       for j, i in enumerate(range(start, end)):
         width_i = in_features + i * k   # stats of norm1 are padded to the segment's width
-        layers[i](new_stats={name: (v[j, :width_i] if name.endswith('1') else v[j])
-                             for name, v in stats.items()})
+        layers[i](_nested({name: (v[j, :width_i] if name.endswith('1') else v[j])
+                           for name, v in stats.items()}), spec.momentum)
   return buf

@@ -45,9 +45,11 @@ def _on(static: Static, platform: str) -> Static:
 
 
 def _keys(static: Static, key):
-  """Dropout keys of a layer's two units ((None, None) without dropout)."""
+  """Dropout keys of a layer's two units ((None, None) without dropout), drawn as
+  dense_layer.unit_keys draws them."""
   if static.spec.dropout_rate > 0 and static.train:
-    return layer.unit_keys(key)
+    first, second = jax.random.split(key)
+    return first, second
   return None, None
 
 

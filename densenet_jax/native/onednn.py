@@ -253,7 +253,12 @@ _BOTTLENECK_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
 
 def bottleneck_usable(x) -> bool:
   """Whether a scanned layer's first BN-ReLU-Conv1x1 on the buffer x should be fused."""
-  return _state['bottleneck'] and x.dtype in _BOTTLENECK_DTYPES and available()
+  return bottleneck_usable_dtype(x.dtype)
+
+
+def bottleneck_usable_dtype(dtype) -> bool:
+  """Whether the fused call takes a buffer of `dtype` here (turned on, oneDNN available)."""
+  return _state['bottleneck'] and jnp.dtype(dtype) in _BOTTLENECK_DTYPES and available()
 
 
 def usable(*arrays) -> bool:
