@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from densenet_jax import train_lib
 from densenet_jax.models import create_model
+from densenet_jax.models import dispatch
 from densenet_jax.native import onednn
 
 # Fields of `create_model('densenet_bc', depth=16, growth_rate=4, num_classes=10, ...)`: three
@@ -45,6 +46,9 @@ MODELS = {
     # memory-efficient chunk (48) and the accelerators' (128, so all 52) differ, where in the
     # 16-channel blocks both are the whole buffer.
     'memory-efficient-wide-stem': dict(memory_efficient=True, num_init_features=44),
+    # A layer the specialised path declines: scanned blocks take the generic path everywhere.
+    'squeeze-excitation': dict(se_ratio=0.5),
+    'squeeze-excitation-memory-efficient': dict(se_ratio=0.5, memory_efficient=True),
 }
 IMAGE, BATCH = 8, 16   # CIFAR stem: block b runs at IMAGE / 2**b
 DEVICES = 8   # the mesh, as conftest.py fakes it: a TPU slice's or an 8-GPU host's
@@ -107,11 +111,17 @@ def chunk_widths(text: str, size: int, width: int) -> set:
   return {int(c) for c in re.findall(pattern, text)}
 
 
+def _path(model):
+  return dispatch.block_path(model.layer_spec, scan_segments=model.scan_segments,
+                             specialised=model.specialised)
+
+
 def chunked_blocks(model):
   """(block, spatial size, buffer width) of each block whose buffer is read chunk by chunk:
-  a scanned block's layers, a memory-efficient block's transition (none after the last)."""
+  a specialised scanned block's layers, a memory-efficient block's transition (none after the
+  last). The generic scanned path reads the whole buffer."""
   blocks = range(len(model.block_sizes))
-  if not model.scan_segments:
+  if _path(model) != dispatch.SPECIALISED:
     blocks = blocks[:-1] if model.memory_efficient else []
   return [(b, IMAGE >> b, model.block_inputs[b] + model.block_sizes[b] * model.growth_rate)
           for b in blocks]
@@ -141,6 +151,7 @@ def test_train_step_exports_for_accelerators(name, platform, devices):
   assert exported.nr_devices == devices
   text = exported.mlir_module()
   assert 'densenet_onednn' not in text   # 2
+  assert not model.se_ratio or _path(model) == dispatch.GENERIC
   for block, size, width in chunked_blocks(model):   # 3
     widths = chunk_widths(text, size, width)
     assert chunk(model, 'gpu', block, width) in widths, (block, widths)
@@ -159,12 +170,14 @@ def test_cpu_control_takes_the_cpu_path(name):
   text = exported.mlir_module()
   calls = onednn_calls(text)
   expected = set()
-  if model.scan_segments and model.bottleneck and model.activation == 'relu':
+  if _path(model) == dispatch.SPECIALISED and model.bottleneck and model.activation == 'relu':
     expected |= {'densenet_onednn_bottleneck_forward', 'densenet_onednn_bottleneck_backward'}
   if jnp.dtype(model.dtype) in onednn.dtypes():
     expected |= {'densenet_onednn_conv_forward', 'densenet_onednn_conv_backward_data',
                  'densenet_onednn_conv_backward_weights'}
   assert expected and expected <= calls, calls
+  if _path(model) != dispatch.SPECIALISED:   # the fused call declines other layers
+    assert not {c for c in calls if 'bottleneck' in c}, calls
   if model.memory_efficient:   # the transitions: every block's but the last
     for block, size, width in chunked_blocks(model)[:len(model.block_sizes) - 1]:
       widths = chunk_widths(text, size, width)
