@@ -206,6 +206,19 @@ def test_quickstart_model_learns(tmp_path):
   assert results(workdir)['eval_top1'] > 0.8, results(workdir)
 
 
+def test_squeeze_excitation_from_the_command_line(tmp_path):
+  """docs/extending.md's command: a config field adds the unit, and the log names each block's
+  path (scanned blocks of that layer take the generic path)."""
+  workdir = str(tmp_path / 'run')
+  out = run_to_end(train_py(workdir, '--config.model.se_ratio=0.5', '--config.num_train_steps=4',
+                            '--config.eval_every_steps=4'))
+  for block in (1, 2, 3):
+    assert (f'Dense block{block}: scanned, generic (the specialised path does not compute '
+            'SqueezeExcitation') in out, out[-3000:]
+  assert results(workdir)['step'] == 4
+  assert 'se_reduce' in load_params(workdir, 4)['block1']['layer1']
+
+
 def test_unknown_config_flag_is_one_line(tmp_path):
   out, _ = train_py(str(tmp_path / 'run'), '--config.model.growth_rte=6').communicate(timeout=300)
   assert 'Traceback' not in out, out[-3000:]
