@@ -15,10 +15,11 @@ docs/design.md ("Segments and chunks") and docs/performance.md.
   The model hands both the CPU's and the accelerators' chunks (`chunks`) to its blocks, which
   take the one of the platform the step is lowered for (`lax.platform_dependent`), not of
   `jax.default_backend()`: a step lowered for the CPU on a GPU host gets the CPU's chunks.
-* `fused_bottleneck`: whether a scanned layer's first unit is oneDNN's fused call. The call
-  implements part of the layer's space only (models/layer.py): a 1x1 bottleneck convolution
-  after BatchNorm and ReLU, on a float32 or bfloat16 buffer, computed in float32. Other layers
-  take the chunked path on every platform.
+* `fused_bottleneck`: whether a scanned layer's first unit is oneDNN's fused call. Only the
+  specialised scanned path (scanned.py, the paper's layer only) asks, and the call implements
+  part of even that layer's space: a 1x1 bottleneck convolution after BatchNorm and ReLU, on a
+  float32 or bfloat16 buffer, computed in float32. Other layers of that path take the chunked
+  path on every platform; which path a block takes is decided in dispatch.py.
 * Whether a CPU convolution is oneDNN's is decided by densenet_jax/native/onednn.py
   (`available`, `usable`, and `dtypes`: float32, and bfloat16 where the CPU has bfloat16
   instructions), at lowering.

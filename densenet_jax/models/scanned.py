@@ -1,5 +1,6 @@
-"""Dense blocks as scanned loops over one pre-allocated feature buffer (docs/design.md,
-"Scanned dense blocks"; the figures behind each choice are in docs/performance.md).
+"""The specialised scanned dense block: loops over one pre-allocated feature buffer, written
+for the paper's layer only (`computes`; any other layer takes generic_scan.py, chosen in
+dispatch.py). docs/design.md, "Scanned dense blocks", says why each choice was made.
 
 An unrolled dense block puts every layer into the compiled program separately, so compile time
 grows with depth, and every layer rebuilds the growing concatenation of its block, a copy whose
