@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import jax
-from jax._src import distributed as _jax_distributed  # The coordination service's client.
+
+from densenet_jax import jax_internals
 
 _PREFIX = 'densenet_jax/'
 # A process whose peer reported a failure gives its own main thread this long to fail likewise
@@ -43,7 +44,7 @@ class PeerError(RuntimeError):
 
 
 def _client():
-  return _jax_distributed.global_state.client
+  return jax_internals.coordination_client()
 
 
 def multiprocess() -> bool:

@@ -14,10 +14,10 @@ from typing import Optional
 
 from absl import logging
 import jax
-from jax._src import distributed as jax_distributed  # Whether the preemption service runs.
 from jax.experimental import multihost_utils
 import numpy as np
 
+from densenet_jax import jax_internals
 from densenet_jax import leases
 from densenet_jax import paths
 
@@ -38,8 +38,7 @@ class Preemption:
     self._requested: Optional[str] = None
     self._previous = {}
     self._multiprocess = jax.process_count() > 1
-    self._service = (self._multiprocess and
-                     jax_distributed.global_state.preemption_sync_manager is not None)
+    self._service = self._multiprocess and jax_internals.preemption_service_running()
     signals = (signal.SIGINT,) if self._service else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
       self._previous[sig] = signal.signal(sig, self._handle)

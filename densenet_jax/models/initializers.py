@@ -28,9 +28,10 @@ import math
 import threading
 from typing import Any, Dict, List, Sequence
 
-import flax.core.scope
 import jax
 import jax.numpy as jnp
+
+from densenet_jax import jax_internals
 
 # He normal initialisation with fan_out, as the official Torch implementation of the paper
 # (and fb.resnet.torch, which it builds on) initialises convolutions:
@@ -169,8 +170,8 @@ def deferred():
     raise RuntimeError('deferred() blocks do not nest')
   _active.deferred = Deferred()
   with _watch_lock:
-    if _watchers == 0 and flax.core.scope.random is jax.random:
-      flax.core.scope.random = _FoldInWatcher(jax.random)
+    if _watchers == 0 and jax_internals.flax_scope_random() is jax.random:
+      jax_internals.swap_flax_scope_random(_FoldInWatcher(jax.random))
     _watchers += 1
   try:
     yield _active.deferred
@@ -178,8 +179,8 @@ def deferred():
     _active.deferred = None
     with _watch_lock:
       _watchers -= 1
-      if _watchers == 0 and isinstance(flax.core.scope.random, _FoldInWatcher):
-        flax.core.scope.random = flax.core.scope.random.real
+      if _watchers == 0 and isinstance(jax_internals.flax_scope_random(), _FoldInWatcher):
+        jax_internals.swap_flax_scope_random(jax_internals.flax_scope_random().real)
 
 
 @contextlib.contextmanager
