@@ -114,8 +114,9 @@ def measure_jax(name, batch, dtype, mode, steps):
 
   train_s = timed(train, steps)
   peak_device_mib = _peak_device_mib(device)   # before inference: the train steps' peak
-  infer = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                  compiler_options=train_lib.compiler_options(train_lib.create_mesh()))
+  mesh = train_lib.create_mesh()   # the train step's: the batch is split over it
+  infer = jax.jit(train_lib.on_mesh(lambda v, x: model.apply(v, x, train=False), mesh),
+                  compiler_options=train_lib.compiler_options(mesh))
   variables = {'params': holder['state'].params, 'batch_stats': holder['state'].batch_stats}
   infer_s = timed(lambda: jax.block_until_ready(infer(variables, data['image'])), steps)
   return dict(train_ips=batch / train_s, infer_ips=batch / infer_s, compile_s=compile_s,

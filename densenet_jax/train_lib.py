@@ -73,6 +73,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params), rng=dropout_rng)
 
+  # Traced on the mesh as the steps are: the model's convolutions may be oneDNN's, which are
+  # not used over several devices without one (and say so, densenet_jax/native/shards.py).
+  init = on_mesh(init, mesh)
   rng = jax.random.PRNGKey(seed)
   abstract = jax.eval_shape(init, rng)
   shardings = jax.tree.map(lambda _: replicated(mesh), abstract)

@@ -52,8 +52,18 @@ def pytest_unconfigure(config):
 
 
 @pytest.fixture
-def use_onednn():
-  """oneDNN's convolutions on for the test (skipped where the library cannot be built)."""
+def on_one_device():
+  """The test traces its steps under a mesh of the first device: with these 8 devices and no
+  mesh, oneDNN's calls are not used (densenet_jax/native/shards.py), so a test about them needs
+  one."""
+  with jax.set_mesh(jax.sharding.Mesh(jax.devices()[:1], ('data',))):
+    yield
+
+
+@pytest.fixture
+def use_onednn(on_one_device):   # pylint: disable=redefined-outer-name,unused-argument
+  """oneDNN's convolutions on for the test (skipped where the library cannot be built), traced
+  on one device (`on_one_device`)."""
   # pylint: disable=protected-access
   previous = onednn._state['enabled']
   onednn.set_enabled(True)

@@ -6,7 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from densenet_jax import train_lib
 from densenet_jax.models import create_model
+
+
+def on_one_device(fn):
+  """fn traced under a mesh of the first device, as the trainer traces its steps under its mesh:
+  with the tests' 8 devices and no mesh, oneDNN's calls are not used (native/shards.py), and the
+  CPU's oneDNN paths would go unchecked."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    mesh = jax.sharding.Mesh(jax.devices()[:1], ('data',))
+    return train_lib.on_mesh(fn, mesh)(*args, **kwargs)
+  return traced
 
 
 def abstract_variables(model, image_size, batch=2):
@@ -35,6 +47,7 @@ def tiny(depth=16, **overrides):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+@on_one_device
 def loss_and_grads(model, variables, x, dropout_key=None):
   """One compiled program: run op by op, every layer's distinct width compiled its own ops."""
   rngs = {} if dropout_key is None else {'dropout': dropout_key}
@@ -88,14 +101,16 @@ def standard_results(standard, x, dropout_key):
 
 
 @functools.partial(jax.jit, static_argnums=0)
+@on_one_device
 def infer(model, variables, x):
   return model.apply(variables, x)
 
 
 def lowered_train_gradient(model, image_shape):
-  """The jitted parameter gradient of a train-mode forward pass, lowered (not compiled)."""
+  """The jitted parameter gradient of a train-mode forward pass, lowered (not compiled) for one
+  device."""
   images = jax.ShapeDtypeStruct(image_shape, jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  variables = jax.eval_shape(on_one_device(model.init), jax.random.key(0), images)
 
   def loss(params, batch_stats, images):
     logits, _ = model.apply({'params': params, 'batch_stats': batch_stats},
@@ -103,6 +118,7 @@ def lowered_train_gradient(model, image_shape):
                             rngs={'dropout': jax.random.key(0)})
     return jnp.sum(logits)
 
-  return jax.jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], images)
+  return jax.jit(on_one_device(jax.grad(loss))).lower(variables['params'],
+                                                      variables['batch_stats'], images)
 
 

@@ -13,8 +13,9 @@ from densenet_jax.native import onednn
 
 
 @pytest.fixture(params=[True, False], ids=['onednn', 'xla'])
-def cpu_convolutions(request):
-  """Runs a test with oneDNN's CPU convolutions (where built) and with XLA's own."""
+def cpu_convolutions(request, on_one_device):   # pylint: disable=unused-argument
+  """Runs a test with oneDNN's CPU convolutions (where built) and with XLA's own, traced on one
+  device (conftest.py's `on_one_device`)."""
   previous = onednn._state['enabled']
   onednn.set_enabled(request.param)
   yield request.param and onednn.available()

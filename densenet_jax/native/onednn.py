@@ -27,6 +27,14 @@ holds such a file, the library is built in a private directory of this process i
 any of that is missing, or on a GPU or TPU, `available()` is False, the reason is logged once,
 and the models use XLA's own convolutions: the values agree to float32 rounding
 (tests/test_onednn.py). `DENSENET_JAX_ONEDNN=0` turns it off.
+
+Several devices: XLA cannot split a custom call's work over the devices, so each call is split
+by the batch over the mesh being traced under (densenet_jax/native/shards.py). A step traced
+over several devices with no mesh set (sharded inputs alone, or the legacy `with mesh:`) does
+not say how its batch is split: there `usable` and `bottleneck_usable` decline, XLA's
+convolutions run, and the reason is logged once. Trace under `jax.set_mesh(mesh)` (the trainer
+does, train_lib.on_mesh) to use oneDNN there. These two functions, asked per call as a step is
+traced, are the only gate: every oneDNN call in the models goes through one of them.
 """
 
 import ctypes
@@ -252,20 +260,23 @@ _BOTTLENECK_DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
 
 
 def bottleneck_usable(x) -> bool:
-  """Whether a scanned layer's first BN-ReLU-Conv1x1 on the buffer x should be fused."""
-  return bottleneck_usable_dtype(x.dtype)
+  """Whether a scanned layer's first BN-ReLU-Conv1x1 on the buffer x should be fused, in the
+  step being traced (only where the batch's split is known: `shards.partition_known`)."""
+  return bottleneck_usable_dtype(x.dtype) and shards.partition_known()
 
 
 def bottleneck_usable_dtype(dtype) -> bool:
-  """Whether the fused call takes a buffer of `dtype` here (turned on, oneDNN available)."""
+  """Whether the fused call takes a buffer of `dtype` here (turned on, oneDNN available),
+  wherever the batch's split is known."""
   return _state['bottleneck'] and jnp.dtype(dtype) in _BOTTLENECK_DTYPES and available()
 
 
 def usable(*arrays) -> bool:
   """Whether a convolution of these arrays (activations, kernel, output gradient: all of one
-  element type) should go through oneDNN."""
+  element type) should go through oneDNN, in the step being traced (only where the batch's
+  split is known: `shards.partition_known`)."""
   kinds = {jnp.dtype(a.dtype) for a in arrays}
-  return len(kinds) == 1 and kinds <= dtypes()
+  return len(kinds) == 1 and kinds <= dtypes() and shards.partition_known()
 
 
 def _call(name, result, *args, input_output_aliases=None, **attrs):

@@ -1,4 +1,4 @@
-"""Each device runs the native calls on its own part of the batch.
+"""Each device runs the native calls on its own part of the batch, or the calls are not used.
 
 Why: XLA's partitioner cannot see inside a custom call. Under `jax.jit` with the batch split over
 N devices it gathered every oneDNN call's operands and ran each call on the global batch on every
@@ -13,18 +13,48 @@ replicated. Results with a batch dimension stay split; results that are sums ove
 the calls, by XLA, over the global batch. So one device or N compute the same step
 (tests/test_shards.py).
 
-Outside a mesh, on a mesh of one device, inside a shard_map over all of the mesh's axes, or for a
-batch the devices do not divide, `split` calls the function as it is.
+The calls are used only where that split is known (`partition_known`): under a mesh, or in a
+process that sees one device (nothing can be split). A step traced over several devices without
+a mesh (the legacy `with mesh:` context leaves none set, nor do sharded inputs alone) may have
+its batch split in any way, and nothing public tells a traced function how: there the calls
+decline (densenet_jax/native/onednn.py asks before each one) and XLA's own convolutions run,
+which XLA's partitioner splits; the values agree to float32 rounding. That is logged once, with
+the remedy: trace under `jax.set_mesh(mesh)`, as the trainer does.
+
+On a mesh of one device, inside a shard_map over all of the mesh's axes, or for a batch the
+devices do not divide, `split` calls the function as it is.
 """
 
 import math
+import threading
 from typing import Callable, Optional, Sequence, Tuple
 
+from absl import logging
 import jax
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
 
 BATCH, SUM = 'batch', 'sum'
+_lock = threading.Lock()
+_logged = {'declined': False}   # whether `partition_known` has said why it declines
+
+
+def partition_known() -> bool:
+  """Whether the native calls traced here know how the batch is split over the devices: a
+  mesh is being traced under (`split` partitions from it), or this process sees one device.
+  Otherwise they must not be used (see the module docstring); the first time, says so once."""
+  if not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1:
+    return True
+  with _lock:
+    if _logged['declined']:
+      return False
+    _logged['declined'] = True
+    logging.warning(
+        'oneDNN calls not used, XLA\'s convolutions instead: this step is traced over %d '
+        'devices without a mesh (as under the legacy `with mesh:` or with sharded inputs '
+        'alone), so how the batch is split is unknown to them; trace it under '
+        '`jax.set_mesh(mesh)`, as the trainer does, to use them.', jax.device_count())
+  return False
 
 
 def batch_axes(*batched: jax.Array) -> Optional[Tuple[str, ...]]:
