@@ -2,13 +2,12 @@
 
 XLA:CPU allocates a train step's temporary buffer (hundreds of MiB for densenet121) afresh in
 every step. glibc serves an allocation that size with a new `mmap` and returns it with `munmap`,
-so the kernel faults in and zeroes every 4 KiB page again in every step. On the 2-core VM that
-the README's figures come from, that was 147,000 page faults per densenet121 step (batch 8) and
-198,000 per DenseNet-BC-100 step (batch 64), about a tenth of the step time.
+so the kernel faults in and zeroes every 4 KiB page again in every step: over a hundred thousand
+page faults per step, a sizeable part of the step's time.
 
 glibc's `glibc.malloc.hugetlb=1` tunable makes malloc advise the kernel to back such memory with
-transparent huge pages (2 MiB). Faults drop to a few hundred per step and training ran 8-15%
-faster on that VM (measured in alternating processes). A tunable is read only when a process
+transparent huge pages (2 MiB): faults drop to a few hundred per step, and training is faster
+(docs/performance.md). A tunable is read only when a process
 starts, so `train.py` and the benchmarks, when run as programs (never on import), restart
 themselves once with it set. A guard variable makes the restart happen at most once; a process
 that reads its program from standard input, runs under a debugger or tracer, or whose exec fails

@@ -39,7 +39,7 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 
   The same arithmetic, bit for bit, on rows `[height, width * channels]` with the constants
   tiled along a row: TensorFlow's CPU kernels broadcast a `[channels]` vector over the innermost
-  axis five times slower (1 ms for a 224x224 image, a quarter of ImageNet's augmentation).
+  axis several times slower, and at ImageNet's sizes that was a large part of the augmentation.
   """
   shape = tf.shape(image)
   rows = tf.reshape(image, [shape[0], -1])
@@ -69,7 +69,7 @@ def resized_center_crop(image: tf.Tensor, shorter_side: int, size: int) -> tf.Te
   side has `shorter_side` pixels (antialiased as tf.image.resize, which calls the same op).
 
   Only the window's pixels are computed: the op's translation shifts the output grid to the
-  window, 40% less time for ImageNet's 256 -> 224. The result equals resizing the whole image and
+  window instead of the whole resized image. The result equals resizing the whole image and
   cropping it up to float rounding of the sample positions ((x + top + 0.5) / scale against
   (x + 0.5) / scale + top / scale): below 1e-4 for pixels in [0, 1] in our checks, where one
   step of an 8-bit pixel is 4e-3.
@@ -134,7 +134,7 @@ def random_resized_crop_jpeg(jpeg: tf.Tensor, seed: tf.Tensor, image_size: int,
                              channels: int) -> tf.Tensor:
   """As random_resized_crop, but decodes only the crop of an encoded JPEG.
 
-  The crop is a fraction of the picture, so decoding only it saves 30% of the JPEG's decoding
+  The crop is a fraction of the picture, so decoding only it saves much of the JPEG's decoding
   time. The window is sampled from the header's shape exactly as from a decoded image, and
   decode_jpeg_window decodes its pixels exactly, so both paths give the same result for the same
   seed.

@@ -63,8 +63,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
 
   def init(rng):
     params_rng, dropout_rng = jax.random.split(rng)
-    # The kernels are drawn in a few batched calls after model.init (initializers.py): one
-    # call per kernel made this program compile for 13-46 s on 2 CPU cores.
+    # The kernels are drawn in a few batched calls after model.init (initializers.py): XLA
+    # compiles every random draw separately, and one per kernel made this program compile for
+    # longer than the train step.
     with initializers.deferred() as kernels:
       variables = model.init({'params': params_rng}, jnp.zeros((1,) + tuple(image_shape)),
                              train=False)
@@ -152,9 +153,9 @@ def eval_step(state: TrainState, batch: Batch, *, model: nn.Module) -> Dict[str,
 
 # XLA:CPU hands dot products, reductions and each convolution to YNNPACK by default. Its
 # convolution kernel runs on one core, where Eigen's, used once convolutions are left out of the
-# list, runs on all: densenet121's train step (batch 8) got 13% faster (4.45 to 5.02 img/s on 2
-# cores, measured in one process), DenseNet-BC-100's (batch 64) 3%. Leaving out more (the
-# reductions or single dot products) made both slower. Other platforms ignore xla_cpu_ options.
+# list, runs on all, so the steps are faster without it (docs/performance.md, "What each design
+# choice is worth"); leaving out more (the reductions or single dot products) made them slower.
+# Other platforms ignore xla_cpu_ options.
 _CPU_COMPILER_OPTIONS = {
     'xla_cpu_experimental_ynn_fusion_type': ','.join(
         'LIBRARY_FUSION_TYPE_' + kind for kind in ('DOT', 'REDUCE', 'INDIVIDUAL_DOT')),

@@ -26,8 +26,8 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 
 # One persistent compilation cache for the whole run, shared by the test processes and every
 # train.py, sweep and benchmark they start (which inherit the environment): the kill-and-resume
-# tests restart the same training many times, and each restart compiled the same steps again
-# (the reliability and training files took 269 s without it, 178 s with it). It is a fresh
+# tests restart the same training many times, and each restart would compile the same steps
+# again. It is a fresh
 # directory per run, made by the process that starts the run (pytest-xdist's controller, before
 # its workers start) and removed at the end, so no test ever reads a program of another run.
 _CACHE = 'JAX_COMPILATION_CACHE_DIR'

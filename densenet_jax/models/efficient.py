@@ -194,7 +194,7 @@ def _transition_backward(static, x, scale, bias, mean, var, kernel, g):
   zeros = lambda v: jnp.zeros(v.shape, jnp.float32)
   # The input gradient starts from zeros computed from g. XLA scheduled a constant zero array
   # at the start of the step, and it stayed allocated through the whole forward pass (a block
-  # output's size: 258 MiB in DenseNet-BC L=250 at batch 64). As in `_recomputed_bwd`, a NaN g
+  # output's size, the largest arrays of the step). As in `_recomputed_bwd`, a NaN g
   # makes the whole gradient NaN, which only happens once training has diverged.
   dx = jnp.full(x.shape, ops.zero_after(g), jnp.float32)
   return lax.fori_loop(0, ops.num_chunks(x.shape[-1], static.chunk), body,

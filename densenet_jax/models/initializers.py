@@ -2,9 +2,9 @@
 
 Flax initialises each parameter with its own call of its initialiser, and each
 `jax.random.normal` call is its own threefry computation in the compiled init program. XLA
-compiles every one of them separately: on 2 CPU cores, `train_lib.create_train_state` compiled
-for 45.5 s for DenseNet-BC L=250 (about 500 kernels) and 13.5 s for densenet121, longer than
-their train steps, while the same program with zero kernels compiled in 4.9 and 1.4 s.
+compiles every one of them separately, so for the deep models (DenseNet-BC L=250 has about 500
+kernels) `train_lib.create_train_state` compiled for longer than their train steps, and almost
+all of that time went to the draws (docs/performance.md, "Initialising the train state").
 
 Inside `deferred()`, `conv_kernel_init` only records each kernel's key and shape and returns
 zeros; `Deferred.fill` then draws the kernels of similar size together, one vmapped
@@ -17,7 +17,7 @@ n >= size. Where that does not hold (another PRNG implementation, or
 
 The kernels' keys are batched too. Flax derives each parameter's key with one `fold_in` of the
 init key and a hash of the parameter's path, which XLA compiles like a draw: with batched draws
-but one fold_in per kernel, DenseNet-BC L=250's init still compiled for 22 s. Inside `deferred()`
+but one fold_in per kernel, the deep models' init still compiled for a long time. Inside `deferred()`
 flax's `fold_in` is watched (`_FoldInWatcher`): its results are unchanged, but `fill` knows the
 (key, data) behind each kernel's key and redoes all of them in one vmapped `fold_in`; flax's own
 are then dead code, which XLA removes.

@@ -1,9 +1,8 @@
 """oneDNN convolutions for XLA:CPU, built on first use and called as XLA FFI custom calls.
 
-Why: on a 2-core AVX-512 CPU, XLA's convolutions and their gradients ran well below the
-machine's arithmetic rate (a 3x3 convolution of densenet121's first block, batch 8: 11.5 ms
-forward and 39 ms for both gradients, against 4.3, 4.5 and 4.5 ms through oneDNN, its kernels
-near the two cores' peak); PyTorch's CPU convolutions are oneDNN's too. `onednn_conv.cc` wraps
+Why: on an AVX-512 CPU, XLA's convolutions, and above all their gradients, run well below the
+machine's arithmetic rate, where oneDNN's kernels come near its peak (docs/performance.md has
+the measurements); PyTorch's CPU convolutions are oneDNN's too. `onednn_conv.cc` wraps
 oneDNN's forward, input-gradient and kernel-gradient convolutions (any stride, symmetric zero
 padding) for NHWC activations and HWIO kernels, the layouts our models already use.
 `bottleneck.cc` fuses a scanned dense layer's first BatchNorm-ReLU into its 1x1 convolution
