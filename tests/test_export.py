@@ -159,13 +159,15 @@ def test_train_step_exports_for_accelerators(name, platform, devices):
       assert chunk(model, 'cpu', block, width) not in widths, (block, widths)
 
 
-@pytest.mark.usefixtures('use_onednn')   # conftest.py: skipped where oneDNN cannot be built
+@pytest.mark.usefixtures('onednn_if_available')   # not `use_onednn`: it traces on one device
 @pytest.mark.parametrize('name', MODELS)
 def test_cpu_control_takes_the_cpu_path(name):
   """The same step lowered for the CPU (oneDNN on) calls oneDNN: the fused bottleneck in
   scanned blocks (models/policy.py `fused_bottleneck`: ReLU bottleneck layers, float32 or
   bfloat16 buffers), its convolutions in the element types it takes here; a memory-efficient
   transition reads the CPU's chunks."""
+  if not onednn.available():
+    pytest.skip(f'no oneDNN here: {onednn.unavailable_reason()}')
   model, exported = export_train_step(name, 'cpu', DEVICES)
   text = exported.mlir_module()
   calls = onednn_calls(text)
