@@ -21,8 +21,8 @@ from typing import Tuple
 from densenet_jax.models import dense_layer
 from densenet_jax.models import generic_scan
 from densenet_jax.models import layer
+from densenet_jax.models import policy
 from densenet_jax.models import scanned
-from densenet_jax.native import onednn
 
 UNROLLED = 'unrolled'
 SPECIALISED = 'scanned, specialised'
@@ -57,8 +57,7 @@ def describe(model, platform: str) -> Tuple[str, ...]:
         why.append('first unit recomputed in the backward pass')
       line = path + (f' ({"; ".join(why)})' if why else '')
     elif path == SPECIALISED:
-      fused = (platform == 'cpu' and spec.bottleneck and spec.activation == 'relu'
-               and onednn.bottleneck_usable_dtype(spec.dtype))
+      fused = platform == 'cpu' and policy.fused_bottleneck_for(spec, spec.dtype)
       how = ('first unit fused by oneDNN' if fused else
              f'first unit in chunks of {model.chunk_for(platform, block)} channels')
       mode = 'recomputed' if model.memory_efficient else '1x1 outputs kept'

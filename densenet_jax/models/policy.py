@@ -50,13 +50,19 @@ def chunks(model, block: int) -> Chunks:
   return Chunks(scan_chunk(model, 'cpu', block), scan_chunk(model, 'gpu', block))
 
 
+def fused_bottleneck_for(spec, dtype) -> bool:
+  """Whether the fused call computes the first unit of a layer defined by `spec` on a buffer of
+  `dtype` on a CPU with oneDNN (`fused_bottleneck`, wherever the batch's split is known)."""
+  return (spec.bottleneck and spec.activation == 'relu'
+          and onednn.bottleneck_usable_dtype(dtype))
+
+
 def fused_bottleneck(spec, x) -> bool:
   """Whether the fused call (native/bottleneck.cc) computes the first unit of a layer defined
   by `spec` (a `layer.Spec`) on the buffer x: it computes relu(x * a + b) then a 1x1
   convolution, in float32 from a float32 or bfloat16 buffer, and only on a CPU with oneDNN
   (checked at lowering: `onednn.bottleneck_usable`)."""
-  return (spec.bottleneck and spec.activation == 'relu'
-          and onednn.bottleneck_usable(x))
+  return fused_bottleneck_for(spec, x.dtype) and onednn.bottleneck_usable(x)
 
 
 def scan_chunk(model, platform: str, block: int = 0) -> int:
