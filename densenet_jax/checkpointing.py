@@ -9,7 +9,7 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 killed in the middle of a write leaves the previous checkpoint as the latest one, and it deletes
 checkpoints beyond `keep` only after a newer one is complete. Orbax writes local and gs://
 workdirs itself; others (s3://) get the same interface through local staging and uploads
-(`create`, densenet_jax/staged_checkpoints.py).
+(densenet_jax/staged_checkpoints.py, whose `checkpointer_for` picks one).
 
 Restoring tells failures apart. A read that fails is retried with backoff; one that still fails
 with an I/O error of the transient kind (a timeout, EIO, a dropped connection) stops the run
@@ -48,14 +48,6 @@ def orbax_writes_directly(path: str) -> bool:
   """Whether Orbax reads and writes checkpoints under `path` itself, or through staging."""
   path = str(path)
   return (path.partition('://')[0] if '://' in path else '') in ORBAX_SCHEMES
-
-
-def create(workdir: str, *, keep: int, asynchronous: bool = True) -> 'Checkpointer':
-  """The checkpointer for `workdir`: the one place that picks Orbax directly or staging."""
-  if orbax_writes_directly(workdir):
-    return Checkpointer(workdir, keep=keep, asynchronous=asynchronous)
-  from densenet_jax import staged_checkpoints  # pylint: disable=g-import-not-at-top
-  return staged_checkpoints.StagedCheckpointer(workdir, keep=keep, asynchronous=asynchronous)
 
 
 def unsupported(workdir: str) -> Optional[str]:

@@ -7,7 +7,7 @@ study has (a colour and marker per configuration, named in the legend).
 
 import math
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import matplotlib
 matplotlib.use('Agg')  # Files only: no display needed.
@@ -164,11 +164,18 @@ def heatmap(configurations: Sequence[Row], fields: Sequence[str], path: str) -> 
   return True
 
 
+def best_row(rows: Sequence[Row]) -> Optional[Row]:
+  """The finished DenseNet run with the best test top-1 (best over its evaluations): the one
+  whose feature reuse is drawn."""
+  done = [r for r in rows if r['status'] == 'done' and r.get('best_eval_top1') is not None
+          and not math.isnan(r['best_eval_top1']) and r['family'].startswith('DenseNet')]
+  return max(done, key=lambda r: r['best_eval_top1']) if done else None
+
+
 def write_all(runs: Sequence[Row], configurations: Sequence[Row], fields: Sequence[str],
               directory: str) -> List[str]:
   """Every figure the rows allow, into `directory`; returns the file names written."""
   from densenet_jax import feature_reuse  # pylint: disable=g-import-not-at-top
-  from densenet_jax import report  # pylint: disable=g-import-not-at-top
   written = []
 
   def out(name):
@@ -185,7 +192,7 @@ def write_all(runs: Sequence[Row], configurations: Sequence[Row], fields: Sequen
     out('curves.png')
   if heatmap(configurations, fields, os.path.join(directory, 'heatmap.png')):
     out('heatmap.png')
-  best = report.best_row(runs)
+  best = best_row(runs)
   if best is not None and feature_reuse.supports(best['_model']):
     feature_reuse.write_figure(best['_dir'], out('feature_reuse.png'))
   return written

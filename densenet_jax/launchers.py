@@ -10,16 +10,15 @@ import os
 import shlex
 import subprocess
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from absl import logging
 
 from densenet_jax import paths
+from densenet_jax import plan
 from densenet_jax import records
 from densenet_jax import staging
 
-if TYPE_CHECKING:  # Only for annotations: sweep imports this module.
-  from densenet_jax import sweep as sweep_lib  # pylint: disable=g-bad-import-order
 
 
 def _last_line(log_path: str) -> str:
@@ -40,12 +39,12 @@ def _duration(seconds: float) -> str:
 class _Progress:
   """Point i of N, its own step, and the sweep's ETA from the work done so far."""
 
-  def __init__(self, sweep: 'sweep_lib.Sweep'):
+  def __init__(self, sweep: plan.Sweep):
     self.sweep = sweep
     self.start = time.time()
     self.start_fraction = self.fraction()
 
-  def point_fraction(self, point: 'sweep_lib.Point') -> float:
+  def point_fraction(self, point: plan.Point) -> float:
     if point.state == 'done':
       return 1.0
     progress = records.read_json(os.path.join(self.sweep.point_workdir(point),
@@ -57,7 +56,7 @@ class _Progress:
   def fraction(self) -> float:
     return sum(self.point_fraction(p) for p in self.sweep.points) / len(self.sweep.points)
 
-  def line(self, point: 'sweep_lib.Point', own: Optional[str] = None) -> str:
+  def line(self, point: plan.Point, own: Optional[str] = None) -> str:
     """'Point i/N NAME: OWN; sweep x% done, ETA h:mm:ss'; OWN defaults to the point's step."""
     progress = records.read_json(os.path.join(self.sweep.point_workdir(point),
                                               records.PROGRESS)) or {}
@@ -85,7 +84,7 @@ def start_point(command: Sequence[str], log_path: str, header: str = '',
     return subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, **popen)
 
 
-def record_outcome(sweep: 'sweep_lib.Sweep', point: 'sweep_lib.Point', returncode: int,
+def record_outcome(sweep: plan.Sweep, point: plan.Point, returncode: int,
                    log_path: str, progress: _Progress) -> None:
   """A finished point's state: done (it wrote results.json) or failed with why; saved."""
   if returncode == 0 and sweep.is_done(point):
@@ -116,7 +115,7 @@ def _wait(proc: subprocess.Popen, log: staging.PointLog, poll_seconds: float,
         logging.warning('Could not show the progress (%s: %s).', type(e).__name__, str(e)[:200])
 
 
-def run_local(sweep: 'sweep_lib.Sweep', poll_seconds: float) -> List['sweep_lib.Point']:
+def run_local(sweep: plan.Sweep, poll_seconds: float) -> List[plan.Point]:
   """Runs the unfinished points one after another; returns the failed ones."""
   progress = _Progress(sweep)
   for point in sweep.points:
@@ -145,8 +144,8 @@ def run_local(sweep: 'sweep_lib.Sweep', poll_seconds: float) -> List['sweep_lib.
   return [p for p in sweep.points if p.state == 'failed']
 
 
-def run_slurm(sweep: 'sweep_lib.Sweep', *, cluster: Optional[str] = 'slurm', wait: bool = True,
-              **parameters) -> List['sweep_lib.Point']:
+def run_slurm(sweep: plan.Sweep, *, cluster: Optional[str] = 'slurm', wait: bool = True,
+              **parameters) -> List[plan.Point]:
   """Submits the unfinished points as one job array through submitit.
 
   Args:

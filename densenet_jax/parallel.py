@@ -49,15 +49,14 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
 from densenet_jax import launchers
+from densenet_jax import plan
 from densenet_jax import staging
 
-if TYPE_CHECKING:  # Only for annotations: sweep imports this module.
-  from densenet_jax import sweep as sweep_lib  # pylint: disable=g-bad-import-order
 
 # The shape of a point's K TPU chips, `TPU_CHIPS_PER_PROCESS_BOUNDS` (x,y,z).
 TPU_BOUNDS = {1: '1,1,1', 2: '1,2,1', 4: '2,2,1', 8: '2,4,1'}
@@ -227,7 +226,7 @@ def host_slots(parallel: int, per_point: Optional[int]) -> List[Slot]:
   return device_slots(platform, devices, parallel, per_point, cores, per_device)
 
 
-def _start(sweep: 'sweep_lib.Sweep', point: 'sweep_lib.Point', slot: Slot, log_path: str):
+def _start(sweep: plan.Sweep, point: plan.Point, slot: Slot, log_path: str):
   # `log_path`: a local file (the log itself, or the cache of a remote one: staging.PointLog).
   """Starts the point confined to its slot.
 
@@ -251,14 +250,14 @@ def _start(sweep: 'sweep_lib.Sweep', point: 'sweep_lib.Point', slot: Slot, log_p
 
 @dataclasses.dataclass
 class _Running:
-  point: 'sweep_lib.Point'
+  point: plan.Point
   slot: Slot
   proc: subprocess.Popen
   log: staging.PointLog
 
 
-def run_parallel(sweep: 'sweep_lib.Sweep', slots: Sequence[Slot],
-                 poll_seconds: float) -> List['sweep_lib.Point']:
+def run_parallel(sweep: plan.Sweep, slots: Sequence[Slot],
+                 poll_seconds: float) -> List[plan.Point]:
   """Runs the unfinished points, one per free slot, until all have run; returns the failed.
 
   A failing point frees its slot for the next; Ctrl-C or SIGTERM stops every running point
@@ -308,7 +307,7 @@ def run_parallel(sweep: 'sweep_lib.Sweep', slots: Sequence[Slot],
   return [p for p in sweep.points if p.state == 'failed']
 
 
-def _stop(sweep: 'sweep_lib.Sweep', running: Sequence[_Running]) -> None:
+def _stop(sweep: plan.Sweep, running: Sequence[_Running]) -> None:
   """SIGTERM to every running point, then waits for their checkpoints; states saved even if
   the wait is cut short by a second interrupt."""
   for entry in running:

@@ -29,7 +29,7 @@ import csv
 import glob
 import math
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from absl import app
 from absl import flags
@@ -273,14 +273,6 @@ def write_report(sweep_dir: str) -> Dict[str, Any]:
                os.path.join(sweep_dir, 'report.md'), len(runs), done, ', '.join(written))
   return {'rows': runs, 'configurations': configurations, 'effects': effects,
           'figures': written}
-
-
-def best_row(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-  """The finished DenseNet run with the best test top-1 (best over its evaluations): the one
-  whose feature reuse is drawn."""
-  done = [r for r in rows if r['status'] == 'done' and r.get('best_eval_top1') is not None
-          and not math.isnan(r['best_eval_top1']) and r['family'].startswith('DenseNet')]
-  return max(done, key=lambda r: r['best_eval_top1']) if done else None
 
 
 def main(argv):

@@ -198,3 +198,11 @@ class StagedCheckpointer(checkpointing.Checkpointer):
     finally:
       super().close()
       shutil.rmtree(self._staging, ignore_errors=True)
+
+
+def checkpointer_for(workdir: str, *, keep: int, asynchronous: bool = True
+                     ) -> checkpointing.Checkpointer:
+  """The checkpointer for `workdir`: the one place that picks Orbax directly or staging."""
+  if checkpointing.orbax_writes_directly(workdir):
+    return checkpointing.Checkpointer(workdir, keep=keep, asynchronous=asynchronous)
+  return StagedCheckpointer(workdir, keep=keep, asynchronous=asynchronous)

@@ -30,6 +30,7 @@ from densenet_jax import pretrained
 from densenet_jax import provenance
 from densenet_jax import records
 from densenet_jax import run_guard
+from densenet_jax import staged_checkpoints
 from densenet_jax import train_lib
 from densenet_jax import validation
 from densenet_jax.models import family
@@ -272,7 +273,7 @@ def _run(config, workdir, info, model) -> Dict[str, Any]:
   jax.block_until_ready(state)
   logging.info('Initialised %d parameters in %.1f s.',
                sum(x.size for x in jax.tree.leaves(state.params)), time.perf_counter() - start)
-  checkpointer = checkpointing.create(workdir, keep=config.keep_checkpoints)
+  checkpointer = staged_checkpoints.checkpointer_for(workdir, keep=config.keep_checkpoints)
   run_info = run_description(config, model, info)
   state = _restore(checkpointer, state, plan, model, run_info, config.init_checkpoint)
   if info.class_names:  # Which class each output is, for whoever uses the trained model.
