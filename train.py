@@ -8,8 +8,8 @@ automatically on TPU pods, SLURM and MPI, or with --coordinator_address, --num_p
 
 if __name__ == '__main__':
   # Only as a program, and first: restarting later would waste the seconds the imports below
-  # take. See densenet_jax/hugepages.py for why and when it does not restart.
-  from densenet_jax import hugepages
+  # take. See densenet_jax/runtime/hugepages.py for why and when it does not restart.
+  from densenet_jax.runtime import hugepages
   hugepages.restart_with_hugepages()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -22,14 +22,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from densenet_jax import buckets
-from densenet_jax import checkpointing
-from densenet_jax import cli
-from densenet_jax import coordination
-from densenet_jax import distributed
-from densenet_jax import run_guard
-from densenet_jax import trainer
-from densenet_jax import validation
+from densenet_jax.runtime import buckets
+from densenet_jax.runtime import coordination
+from densenet_jax.runtime import distributed
+from densenet_jax.runtime import run_guard
+from densenet_jax.training import checkpointing
+from densenet_jax.training import cli
+from densenet_jax.training import trainer
+from densenet_jax.training import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -54,7 +54,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _CONFIG.value.distributed)
-  logging.info('GLIBC_TUNABLES=%r (see densenet_jax/hugepages.py)',
+  logging.info('GLIBC_TUNABLES=%r (see densenet_jax/runtime/hugepages.py)',
                os.environ.get('GLIBC_TUNABLES'))
   logging.info('Config:\n%s', _CONFIG.value)
   with coordination.leaving_together():  # A failing host stops the others at once.

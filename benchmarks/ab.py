@@ -25,7 +25,7 @@ the scanned layers' first BN-ReLU-Conv1x1 in chunks instead of the fused call (b
 `--overrides` applies to every variant, and an empty variant is the model as `--model` and
 `--overrides` give it. Steps are the trainer's real jitted train step (SGD, BatchNorm updates),
 as in throughput.py. Like train.py, it restarts itself with the glibc
-huge-page tunable (densenet_jax/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it off).
+huge-page tunable (densenet_jax/runtime/hugepages.py; DENSENET_JAX_HUGEPAGES=0 turns it off).
 """
 
 import ast
@@ -40,7 +40,7 @@ import time
 from absl import app
 from absl import flags
 
-from densenet_jax import hugepages
+from densenet_jax.runtime import hugepages
 from harness import compiled_train_step
 
 _MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name.')

@@ -9,7 +9,7 @@ def compiled_train_step(model, batch):
   compiled: (compiled step, train state, batch, compile seconds, temp MiB)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax
-  from densenet_jax import train_lib
+  from densenet_jax.training import train_lib
 
   size = 224 if model.stem == 'imagenet' else 32
   mesh = train_lib.create_mesh()

@@ -179,7 +179,7 @@ def _epoch_rates(run_epoch, epochs: int) -> dict:
 def measure_ours(source: str, data: dict, batch_size: int, epochs: int) -> dict:
   """The trainer's train and eval iterators over the folder or the TFDS records."""
   import importlib.util  # pylint: disable=g-import-not-at-top
-  from densenet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from densenet_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   spec = importlib.util.spec_from_file_location('base', os.path.join(root, 'configs', 'base.py'))
   base = importlib.util.module_from_spec(spec)

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from densenet_jax import train_lib
 from densenet_jax.models import create_model
+from densenet_jax.training import train_lib
 
 _MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name.')
 _BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.')

@@ -27,7 +27,7 @@ as XLA does), and bfloat16 rows get torchvision under `torch.autocast(bfloat16)`
 frameworks keep their defaults for float32 convolutions, which on NVIDIA GPUs since Ampere is
 TF32 (JAX's default precision, torch's `cudnn.allow_tf32`); the JSON records both settings.
 
-The script restarts itself with glibc's transparent-huge-page tunable (densenet_jax/hugepages.py),
+The script restarts itself with glibc's transparent-huge-page tunable (densenet_jax/runtime/hugepages.py),
 as train.py does; every worker, torchvision's included, inherits it. DENSENET_JAX_HUGEPAGES=0
 measures both without it.
 """
@@ -41,7 +41,7 @@ import sys
 from absl import app
 from absl import flags
 
-from densenet_jax import hugepages
+from densenet_jax.runtime import hugepages
 from harness import compiled_train_step
 from harness import timed
 
@@ -96,7 +96,7 @@ def measure_jax(name, batch, dtype, mode, steps):
   """One densenet_jax case: the real train step of the trainer (SGD, BatchNorm updates)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  from densenet_jax import train_lib
+  from densenet_jax.training import train_lib
   from densenet_jax.models import create_model
 
   model = create_model(name, dtype=jnp.dtype(dtype), **model_options(name, mode))

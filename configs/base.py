@@ -144,7 +144,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   # Only evaluate the latest checkpoint of the workdir (or init_checkpoint), then stop.
   config.eval_only = False
-  # A new run starts from these converted weights (`python -m densenet_jax.convert` output);
+  # A new run starts from these converted weights (`python -m densenet_jax.tools.convert` output);
   # a classifier of another size is left freshly initialised (fine-tuning).
   config.init_checkpoint = config_dict.placeholder(str)
 

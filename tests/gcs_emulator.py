@@ -3,7 +3,7 @@
 fake-gcs-server honours the generation preconditions (`ifGenerationMatch`) on writes that
 TensorStore's OCDBT checkpoints and the workdir lease rely on; gcp-storage-emulator, the pure
 Python one, ignores them. Every client of the package reaches it through
-$STORAGE_EMULATOR_HOST (densenet_jax/paths.py).
+$STORAGE_EMULATOR_HOST (densenet_jax/runtime/paths.py).
 """
 
 import json
@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
-from densenet_jax import paths
+from densenet_jax.runtime import paths
 
 BUCKET = 'densenet-test'
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # train.py's cwd

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax import train_lib
 from densenet_jax.models import create_model
+from densenet_jax.training import train_lib
 
 
 def on_one_device(fn):

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from densenet_jax import buckets
+from densenet_jax.runtime import buckets
 import gcs_emulator
 
 BUCKET = 'densenet-test'

@@ -11,8 +11,8 @@ from google import auth
 from google.api_core import exceptions as gcs_errors
 import pytest
 
-from densenet_jax import buckets
-from densenet_jax import paths
+from densenet_jax.runtime import buckets
+from densenet_jax.runtime import paths
 import gcs_emulator
 from test_object_store import committed_steps
 from test_reliability import assert_same_run
@@ -89,7 +89,7 @@ def test_s3_causes_the_emulator_cannot_produce(error, cause):
 def test_what_orbax_writes_itself_and_what_is_staged(monkeypatch):
   """Local and gs:// go to Orbax directly, s3:// through local staging (test_s3.py), which a
   multi-process run cannot use: one line at start-up."""
-  from densenet_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from densenet_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   assert checkpointing.orbax_writes_directly('/tmp/run')
   assert checkpointing.orbax_writes_directly('gs://b/run')
   assert not checkpointing.orbax_writes_directly('s3://b/run')
@@ -152,7 +152,7 @@ def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket):
 
 def test_s3_lease_refuses_a_live_holder_and_takes_over_a_stale_one(s3_bucket):
   """The lease on S3's conditional writes (If-None-Match, If-Match), as on gs://."""
-  from densenet_jax import leases  # pylint: disable=g-import-not-at-top
+  from densenet_jax.runtime import leases  # pylint: disable=g-import-not-at-top
   workdir = f'{s3_bucket}/lease'
   holder = leases.Lease(workdir, seconds=2)
   holder._owner = {'holder': 'pid 1 on elsewhere', 'host': 'elsewhere', 'pid': 1}

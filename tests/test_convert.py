@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from densenet_jax import convert
-from densenet_jax import pretrained
-from densenet_jax import trainer
 from densenet_jax.models import create_model
+from densenet_jax.tools import convert
+from densenet_jax.training import pretrained
+from densenet_jax.training import trainer
 from test_input_pipeline import write_mock_metadata
 from test_training import tiny_config
 
@@ -101,7 +101,7 @@ def test_command_line_writes_a_loadable_checkpoint(tmp_path, torch_densenet121):
   source = str(tmp_path / 'model.safetensors')
   save_file({k: v.numpy() for k, v in model.state_dict().items()}, source)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, '-m', 'densenet_jax.convert', f'--source={source}',
+  proc = subprocess.run([sys.executable, '-m', 'densenet_jax.tools.convert', f'--source={source}',
                          '--model=densenet121', f'--output={tmp_path / "out"}'], cwd=root,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -30,10 +30,10 @@ import pytest
 from jax import export
 from jax.sharding import Mesh
 
-from densenet_jax import train_lib
 from densenet_jax.models import create_model
 from densenet_jax.models import dispatch
 from densenet_jax.native import onednn
+from densenet_jax.training import train_lib
 
 # Fields of `create_model('densenet_bc', depth=16, growth_rate=4, num_classes=10, ...)`: three
 # dense blocks of two layers, each block's buffer 16 channels wide unless the stem is widened.

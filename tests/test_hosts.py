@@ -1,5 +1,5 @@
 """Several processes as several hosts (localhost): one decision, stopping together, a lost
-process named, the identical result on resume (densenet_jax/coordination.py)."""
+process named, the identical result on resume (densenet_jax/runtime/coordination.py)."""
 
 import os
 import re

@@ -1,4 +1,4 @@
-"""train.py's restart under glibc's transparent-huge-page tunable (densenet_jax/hugepages.py)."""
+"""train.py's restart under glibc's transparent-huge-page tunable (densenet_jax/runtime/hugepages.py)."""
 
 import json
 import os
@@ -8,12 +8,12 @@ from unittest import mock
 
 import pytest
 
-from densenet_jax import hugepages
+from densenet_jax.runtime import hugepages
 
 # Restarts itself as train.py does, then faults in a fresh 64 MiB malloc (glibc serves it with
 # its own mmap) and reports the page faults that took.
 _CHILD = """
-from densenet_jax import hugepages
+from densenet_jax.runtime import hugepages
 hugepages.restart_with_hugepages()
 import ctypes, json, os, resource
 libc = ctypes.CDLL('libc.so.6')

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import train_lib
 from densenet_jax.models import create_model
 from densenet_jax.models import initializers
+from densenet_jax.training import train_lib
 
 
 def plain_params(model, rng, size):

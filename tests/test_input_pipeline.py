@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import data_sources
-from densenet_jax import input_pipeline
+from densenet_jax.data import data_sources
+from densenet_jax.data import input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CIFAR_DATA_DIR = REPO.parent / 'shared' / 'tensorflow_datasets'

@@ -1,4 +1,4 @@
-"""What densenet_jax/jax_internals.py reaches inside JAX and Flax is still there and still does
+"""What densenet_jax/runtime/jax_internals.py reaches inside JAX and Flax is still there and still does
 what the package relies on: these fail, naming what moved, when a JAX or Flax upgrade moves it
 (the multi-host tests exercise the coordination client itself)."""
 
@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import jax_internals
 from densenet_jax.models import initializers
+from densenet_jax.runtime import jax_internals
 
 
 def test_distributed_state_in_a_single_process():

@@ -14,21 +14,21 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax import convert
-from densenet_jax import feature_reuse
-from densenet_jax import input_pipeline
-from densenet_jax import leases
-from densenet_jax import paths
-from densenet_jax import pretrained
-from densenet_jax import run_guard
-from densenet_jax import trainer
+from densenet_jax.data import input_pipeline
+from densenet_jax.experiments import feature_reuse
+from densenet_jax.runtime import leases
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import run_guard
+from densenet_jax.tools import convert
+from densenet_jax.training import pretrained
+from densenet_jax.training import trainer
 import gcs_emulator
 from test_reliability import assert_same_run
 from test_reliability import start
 from test_reliability import steps_in
 from test_reliability import STEPS
 from test_training import tiny_config
-from densenet_jax.validation import ConfigError
+from densenet_jax.training.validation import ConfigError
 
 
 def committed_steps(workdir):

@@ -14,6 +14,7 @@ import pytest
 from jax import lax
 
 from densenet_jax.models import ops
+from densenet_jax.native import build
 from densenet_jax.native import onednn
 
 # requirements.txt installs oneDNN on x86-64 Linux; there it must be in use, not silently off.
@@ -191,7 +192,7 @@ def test_missing_onednn_is_named_and_falls_back(monkeypatch, tmp_path):
   monkeypatch.setattr(sys, 'prefix', str(tmp_path / 'venv'))
   with pytest.raises(FileNotFoundError, match=r'include/oneapi/dnnl/dnnl.hpp.*'
                                               r'pip install onednn-cpu-gomp'):
-    onednn.build()
+    build.build()
   # available() turns the failure into XLA's convolutions, with the reason kept.
   monkeypatch.setattr(onednn, '_state', {'enabled': True, 'loaded': None, 'reason': None})
   assert not onednn.available()
@@ -208,36 +209,36 @@ def test_bad_compiler_is_named(monkeypatch, tmp_path):
   monkeypatch.setenv('DENSENET_JAX_CACHE', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
   with pytest.raises(FileNotFoundError, match='no-such-compiler-xyz'):
-    onednn.build()
+    build.build()
 
 
 def test_build_cache_is_keyed_and_trusted_only_when_private(monkeypatch, tmp_path):
   if not onednn.available():
     pytest.skip('no oneDNN here')
-  root = onednn._onednn_root()  # pylint: disable=protected-access
-  key = onednn.cache_key('g++', root)
-  monkeypatch.setattr(onednn, '_compiler_version', lambda compiler: 'g++ (Other) 99.1')
-  assert onednn.cache_key('g++', root) != key  # Another compiler version: another library.
+  root = build._onednn_root()  # pylint: disable=protected-access
+  key = build.cache_key('g++', root)
+  monkeypatch.setattr(build, '_compiler_version', lambda compiler: 'g++ (Other) 99.1')
+  assert build.cache_key('g++', root) != key  # Another compiler version: another library.
   monkeypatch.undo()
 
   # Compiling is replaced by an empty file: what matters here is where build() puts it.
-  monkeypatch.setattr(onednn, '_compile', lambda command, tmp, compiler: None)
-  monkeypatch.setattr(onednn, '_private_dir', [])
+  monkeypatch.setattr(build, '_compile', lambda command, tmp, compiler: None)
+  monkeypatch.setattr(build, '_private_dir', [])
   shared = tmp_path / 'shared'
   shared.mkdir()
   planted = shared / f'onednn_conv-{key}.so'
   planted.write_bytes(b'not ours')
   planted.chmod(0o666)
-  assert 'writable by other users' in onednn.untrusted(planted)
+  assert 'writable by other users' in build.untrusted(planted)
   monkeypatch.setenv('DENSENET_JAX_CACHE', str(shared))
-  built = onednn.build()
+  built = build.build()
   assert built.parent != shared and built.name == planted.name
-  assert onednn.untrusted(built) is None and oct(built.parent.stat().st_mode & 0o777) == '0o700'
+  assert build.untrusted(built) is None and oct(built.parent.stat().st_mode & 0o777) == '0o700'
   # A cache directory that cannot be created falls back to the private directory too.
-  monkeypatch.setattr(onednn, '_private_dir', [])
+  monkeypatch.setattr(build, '_private_dir', [])
   (tmp_path / 'a_file').write_text('')
   monkeypatch.setenv('DENSENET_JAX_CACHE', str(tmp_path / 'a_file' / 'cache'))
-  assert onednn.build().parent.name.startswith('densenet_jax-')
+  assert build.build().parent.name.startswith('densenet_jax-')
 
 
 def test_pointwise_accumulate_adds_in_place(use_onednn):

@@ -1,4 +1,4 @@
-"""The published numbers (densenet_jax/paper.py): lookups by a run's config, and Table 2's
+"""The published numbers (densenet_jax/experiments/paper.py): lookups by a run's config, and Table 2's
 parameter counts against the models we build."""
 
 import importlib
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import paper
+from densenet_jax.experiments import paper
 from densenet_jax.models import create_model
 from densenet_jax.models import variants
 

@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from densenet_jax import parallel
-from densenet_jax import records
-from densenet_jax import sweep
+from densenet_jax.experiments import parallel
+from densenet_jax.experiments import plan
+from densenet_jax.experiments import sweep
+from densenet_jax.training import records
 from tests.test_sweep import ROOT
 from tests.test_sweep import run_sweep
 
@@ -27,7 +28,7 @@ needs_two_cores = pytest.mark.skipif(len(CORES) < 2, reason='needs 2 CPU cores')
 # inside each point's own process. ARG: steps, with one checkpoint and eval at the end.
 RECORDING_CONFIG = textwrap.dedent('''
     import json, os, time
-    from densenet_jax import hyper
+    from densenet_jax.experiments import hyper
     from tests.test_training import tiny_config
 
     def get_config(arg=None):
@@ -143,8 +144,8 @@ def sweep_file(tmp_path):
 
 
 def _fake_sweep(tmp_path, names):
-  points = [sweep.Point(i, name, {}) for i, name in enumerate(names)]
-  built = sweep.Sweep('fake.py', str(tmp_path / 'fake'), points, {})
+  points = [plan.Point(i, name, {}) for i, name in enumerate(names)]
+  built = plan.Sweep('fake.py', str(tmp_path / 'fake'), points, {})
   os.makedirs(built.workdir)
   built.command = lambda p: [sys.executable, '-c', FAKE_POINT, built.point_workdir(p)]
   return built
@@ -214,7 +215,7 @@ def _start_sweep(config_arg, workdir, record, *extra):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PYTHONPATH=ROOT, PARALLEL_TEST_RECORD=str(record))
   return subprocess.Popen(
-      [sys.executable, '-m', 'densenet_jax.sweep', f'--config={config_arg}',
+      [sys.executable, '-m', 'densenet_jax.experiments.sweep', f'--config={config_arg}',
        f'--workdir={workdir}', '--poll_seconds=2', '--parallel=2', *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

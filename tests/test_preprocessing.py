@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from densenet_jax import data_sources
-from densenet_jax import input_pipeline
-from densenet_jax import preprocessing
+from densenet_jax.data import data_sources
+from densenet_jax.data import input_pipeline
+from densenet_jax.data import preprocessing
 
 from test_input_pipeline import dataset_config
 

@@ -18,12 +18,12 @@ import jax
 import numpy as np
 import pytest
 
-from densenet_jax import checkpointing
-from densenet_jax import data_sources
-from densenet_jax import paths
-from densenet_jax import run_guard
-from densenet_jax import trainer
-from densenet_jax.validation import ConfigError
+from densenet_jax.data import data_sources
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import run_guard
+from densenet_jax.training import checkpointing
+from densenet_jax.training import trainer
+from densenet_jax.training.validation import ConfigError
 from test_training import load_params
 from test_training import results
 from test_training import run_to_end

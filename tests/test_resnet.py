@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import convert
-from densenet_jax import pretrained
-from densenet_jax import trainer
 from densenet_jax.models import create_model
 from densenet_jax.models import family
 from densenet_jax.models import resnet
 from densenet_jax.models import resnet_variants
 from densenet_jax.models.resnet import ResNet
+from densenet_jax.tools import convert
+from densenet_jax.training import pretrained
+from densenet_jax.training import trainer
 from model_checks import abstract_variables, assert_count_and_logits, count
 from test_training import tiny_config
 

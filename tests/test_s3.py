@@ -1,6 +1,6 @@
 """s3:// workdirs against moto: checkpoints staged locally and uploaded, kill -9 and resume.
 
-Orbax cannot write s3:// itself (densenet_jax/staged_checkpoints.py): a run on an s3://
+Orbax cannot write s3:// itself (densenet_jax/training/staged_checkpoints.py): a run on an s3://
 workdir must still end exactly as the same run on a local disk, a step whose upload was cut
 short (no commit file) must never be restored, and nothing may stay on the local disk.
 """
@@ -12,12 +12,12 @@ import time
 import jax
 import numpy as np
 
-from densenet_jax import convert
-from densenet_jax import feature_reuse
-from densenet_jax import paths
-from densenet_jax import pretrained
-from densenet_jax import staged_checkpoints
-from densenet_jax import trainer
+from densenet_jax.experiments import feature_reuse
+from densenet_jax.runtime import paths
+from densenet_jax.tools import convert
+from densenet_jax.training import pretrained
+from densenet_jax.training import staged_checkpoints
+from densenet_jax.training import trainer
 from test_object_store import resume_after_kill
 from test_reliability import start
 from test_reliability import STEPS

@@ -13,10 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from densenet_jax import train_lib
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
 from densenet_jax.native import shards
+from densenet_jax.training import train_lib
 
 BATCH, DEVICES = 40, 8   # 5 images per device: no kernel dimension is 5 or 40.
 

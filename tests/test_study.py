@@ -11,13 +11,14 @@ import os
 
 import pytest
 
-from densenet_jax import figures
-from densenet_jax import hyper
-from densenet_jax import metric_writer
-from densenet_jax import provenance
-from densenet_jax import report
-from densenet_jax import statistics
-from densenet_jax import sweep
+from densenet_jax.experiments import figures
+from densenet_jax.experiments import hyper
+from densenet_jax.experiments import plan
+from densenet_jax.experiments import report
+from densenet_jax.experiments import statistics
+from densenet_jax.experiments import sweep
+from densenet_jax.runtime import provenance
+from densenet_jax.training import metric_writer
 
 # t(0.975, 2) = 4.303 and t(0.975, 4) = 2.776, from a table of Student's t.
 
@@ -100,8 +101,8 @@ def test_seeds_expand_points_like_a_swept_seed():
   seeded = hyper.with_seeds(points, 3, 5)
   assert [p['seed'] for p in seeded] == [5, 5, 6, 6, 7, 7]  # every configuration once first
   swept = [{**p, 'seed': s} for p in points for s in (5, 6, 7)]
-  assert sorted(sweep.point_names(seeded)) == sorted(sweep.point_names(swept))
-  assert 'growth_rate=12,seed=6' in sweep.point_names(seeded)
+  assert sorted(plan.point_names(seeded)) == sorted(plan.point_names(swept))
+  assert 'growth_rate=12,seed=6' in plan.point_names(seeded)
   assert hyper.with_seeds(points, 1, 0) == points  # single-seed names are unchanged
   with pytest.raises(ValueError, match='--seeds=0: expected 1 or more'):
     hyper.with_seeds(points, 0, 0)

@@ -1,4 +1,4 @@
-"""`python -m densenet_jax.summary`, as the README writes it: tables for every kind of model,
+"""`python -m densenet_jax.tools.summary`, as the README writes it: tables for every kind of model,
 one line for a bad argument."""
 
 import os
@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def summary(*args):
-  return subprocess.run([sys.executable, '-m', 'densenet_jax.summary', *args], cwd=ROOT,
+  return subprocess.run([sys.executable, '-m', 'densenet_jax.tools.summary', *args], cwd=ROOT,
                         env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.PIPE,
                         stderr=subprocess.PIPE, text=True, timeout=300)
 

@@ -10,22 +10,23 @@ import textwrap
 import numpy as np
 import pytest
 
-from densenet_jax import feature_reuse
-from densenet_jax import hyper
-from densenet_jax import launchers
-from densenet_jax import report
-from densenet_jax import sweep
-from densenet_jax import trainer
-from densenet_jax.models import create_model
+from densenet_jax.experiments import feature_reuse
+from densenet_jax.experiments import hyper
+from densenet_jax.experiments import launchers
+from densenet_jax.experiments import plan
+from densenet_jax.experiments import report
+from densenet_jax.experiments import sweep
 from densenet_jax.models import complexity
+from densenet_jax.models import create_model
 from densenet_jax.models import family
+from densenet_jax.training import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tests' quickstart shrunk to seconds (L=10, k=4, 12 steps), with a schedule that a point
 # can make diverge: lr_decay_factor=1e30 multiplies the learning rate by 1e30 after 4 steps.
 SWEEP_CONFIG = textwrap.dedent('''
-    from densenet_jax import hyper
+    from densenet_jax.experiments import hyper
     from tests.test_training import tiny_config
 
     def get_config(arg=None):
@@ -55,7 +56,7 @@ def sweep_file(tmp_path):
 def run_sweep(config_arg, workdir, *extra):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=ROOT)
   return subprocess.run(
-      [sys.executable, '-m', 'densenet_jax.sweep', f'--config={config_arg}',
+      [sys.executable, '-m', 'densenet_jax.experiments.sweep', f'--config={config_arg}',
        f'--workdir={workdir}', '--poll_seconds=2', *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
       timeout=900)
@@ -76,12 +77,12 @@ def test_helpers_make_products_and_zips():
     hyper.zipped(hyper.sweep('a.b', [1, 2]), hyper.sweep('a.c', [1]))
   with pytest.raises(ValueError, match='more than one'):
     hyper.product(hyper.sweep('a.b', [1]), hyper.sweep('a.b', [2]))
-  assert sweep.point_names(points)[1] == 'growth_rate=12,compression=1.0'
+  assert plan.point_names(points)[1] == 'growth_rate=12,compression=1.0'
   # Fields with the same last component keep their dotted names; constant fields are left out.
-  assert sweep.point_names([{'a.x': 1, 'b.x': 2, 'c': 0}, {'a.x': 3, 'b.x': 4, 'c': 0}]) == [
+  assert plan.point_names([{'a.x': 1, 'b.x': 2, 'c': 0}, {'a.x': 3, 'b.x': 4, 'c': 0}]) == [
       'a.x=1,b.x=2', 'a.x=3,b.x=4']
-  with pytest.raises(sweep.SweepError, match='repeated points'):
-    sweep.point_names([{'a': 1}, {'a': 1}])
+  with pytest.raises(plan.SweepError, match='repeated points'):
+    plan.point_names([{'a': 1}, {'a': 1}])
 
 
 def test_ablation_configs_declare_their_studies():
@@ -94,7 +95,7 @@ def test_ablation_configs_declare_their_studies():
   kinds = {(p['model.bottleneck'], p['model.compression']) for p in points}
   assert kinds == {(False, 1.0), (True, 1.0), (False, 0.5), (True, 0.5)}
   for point in points:  # Every depth fits its variant.
-    config = sweep.apply_overrides(variants.get_config('cpu'), point)
+    config = plan.apply_overrides(variants.get_config('cpu'), point)
     create_model(config.model.name, depth=config.model.depth, growth_rate=12,
                  bottleneck=config.model.bottleneck, compression=config.model.compression)
   # DenseNet-BC against pre-activation ResNets: every point builds, under one recipe.
@@ -104,8 +105,8 @@ def test_ablation_configs_declare_their_studies():
     assert len(points) == count
     arg = 'configs/ablations/densenet_vs_resnet.py' + (f':{size}' if size else '')
     # As each point's train.py parses its flags.
-    built = [trainer.build_model(sweep.parse_train_flags(
-        os.path.join(ROOT, arg), sweep.override_args(p)), 10) for p in points]
+    built = [trainer.build_model(plan.parse_train_flags(
+        os.path.join(ROOT, arg), plan.override_args(p)), 10) for p in points]
     assert {report.family(trainer.model_description(m)) for m in built} == {
         'DenseNet-BC', 'pre-activation ResNet'}
 
@@ -115,9 +116,9 @@ def test_invalid_points_are_refused_before_anything_runs(sweep_file, tmp_path):
                                  'not fit DenseNet-BC'),
                      ('typo', r'Point 2 of 2 .*config.model.growth_rte=6: no such field'),
                      ('none', r'Point 2 of 2 .*train.py cannot take these flags: .*dropout_rate')):
-    config = sweep.load_config(f'{sweep_file}:{arg}')
-    with pytest.raises(sweep.SweepError, match=match):
-      sweep.build_sweep(f'{sweep_file}:{arg}', config, str(tmp_path / arg), {}, 1, 1)
+    config = plan.load_config(f'{sweep_file}:{arg}')
+    with pytest.raises(plan.SweepError, match=match):
+      plan.build_sweep(f'{sweep_file}:{arg}', config, str(tmp_path / arg), {}, 1, 1)
     assert not os.path.exists(tmp_path / arg)
   result = run_sweep(f'{sweep_file}:invalid', tmp_path / 'cli')
   assert result.returncode != 0
@@ -183,11 +184,11 @@ def test_sweep_runs_reruns_and_reports_failures(sweep_file, tmp_path):
 
 
 def test_print_and_submitit_launchers_run_a_point(sweep_file, tmp_path):
-  config = sweep.apply_overrides(sweep.load_config(sweep_file), {'num_train_steps': 6})
-  built = sweep.build_sweep(sweep_file, config, str(tmp_path / 'sub'), {'num_train_steps': 6},
+  config = plan.apply_overrides(plan.load_config(sweep_file), {'num_train_steps': 6})
+  built = plan.build_sweep(sweep_file, config, str(tmp_path / 'sub'), {'num_train_steps': 6},
                             1, 1)
   command = built.command(built.points[1])
-  assert command[1] == sweep.TRAIN_PY and command[2] == f'--config={sweep_file}'
+  assert command[1] == plan.TRAIN_PY and command[2] == f'--config={sweep_file}'
   assert f'--workdir={tmp_path / "sub" / "growth_rate=6"}' in command
   assert command[-2:] == ['--config.num_train_steps=6', '--config.model.growth_rate=6']
 

@@ -14,11 +14,12 @@ import textwrap
 
 import pytest
 
-from densenet_jax import launchers
-from densenet_jax import paths
-from densenet_jax import run_guard
-from densenet_jax import staging
-from densenet_jax import sweep
+from densenet_jax.experiments import launchers
+from densenet_jax.experiments import plan
+from densenet_jax.experiments import sweep
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import run_guard
+from densenet_jax.runtime import staging
 from test_sweep import ROOT
 from test_sweep import run_sweep
 from test_sweep import SWEEP_CONFIG
@@ -27,7 +28,7 @@ from test_sweep import SWEEP_CONFIG
 # lines 'started' is in the bucket), then fails: the upload happens while a point runs.
 FAKE_POINT = textwrap.dedent('''
     import os, sys, time
-    from densenet_jax import paths
+    from densenet_jax.runtime import paths
     print('started', flush=True)
     log, session = paths.resolve(sys.argv[1]), int(os.environ['SESSION'])
     deadline = time.monotonic() + 60
@@ -46,7 +47,7 @@ def sweep_file(tmp_path):
   return str(path)
 
 
-class FakeSweep(sweep.Sweep):
+class FakeSweep(plan.Sweep):
   """One point whose command is FAKE_POINT, not train.py."""
 
   def command(self, point):
@@ -54,7 +55,7 @@ class FakeSweep(sweep.Sweep):
 
 
 def fake_sweep(workdir):
-  return FakeSweep('unused.py', workdir, [sweep.Point(0, 'p', {})], {})
+  return FakeSweep('unused.py', workdir, [plan.Point(0, 'p', {})], {})
 
 
 def no_local_gs_folder():
@@ -159,13 +160,13 @@ def test_sweep_on_gs_runs_reruns_and_reports(sweep_file, bucket):
     (remote / name).unlink()
   env = dict(os.environ, PYTHONPATH=ROOT)
   result = subprocess.run(
-      [sys.executable, '-m', 'densenet_jax.report', f'--workdir={workdir}'], cwd=ROOT, env=env,
+      [sys.executable, '-m', 'densenet_jax.experiments.report', f'--workdir={workdir}'], cwd=ROOT, env=env,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:]
   assert f'Report uploaded to {workdir}' in result.stdout
   assert {'report.md', 'results.csv', 'curves.png'} <= {p.name for p in remote.iterdir()}
   missing = subprocess.run(
-      [sys.executable, '-m', 'densenet_jax.report', f'--workdir={bucket}/nothing'], cwd=ROOT,
+      [sys.executable, '-m', 'densenet_jax.experiments.report', f'--workdir={bucket}/nothing'], cwd=ROOT,
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert missing.returncode != 0 and 'no such directory' in missing.stdout
   assert no_local_gs_folder()

@@ -14,13 +14,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import quickstart
-from densenet_jax import input_pipeline
-from densenet_jax import optimization
-from densenet_jax import paths
-from densenet_jax import train_lib
-from densenet_jax import trainer
+from densenet_jax.data import input_pipeline
 from densenet_jax.native import onednn
-from densenet_jax.validation import ConfigError
+from densenet_jax.runtime import paths
+from densenet_jax.training import optimization
+from densenet_jax.training import train_lib
+from densenet_jax.training import trainer
+from densenet_jax.training.validation import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,7 +189,7 @@ def test_config_errors_before_compilation(tmp_path, overrides, match):
 def test_quickstart_model_learns(tmp_path):
   """A quarter of the quickstart (5 of its 20 epochs): the loss falls and the digits are
   recognised far above chance (10 classes: 0.1)."""
-  from densenet_jax import report  # pylint: disable=g-import-not-at-top
+  from densenet_jax.experiments import report  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / 'run')
   # As a user runs it: one process, one device.
   proc = subprocess.run(

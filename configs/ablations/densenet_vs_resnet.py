@@ -1,7 +1,7 @@
 """The paper's Figure 4 (middle): DenseNet-BC against pre-activation ResNets on C10+.
 
-    python -m densenet_jax.sweep --config=configs/ablations/densenet_vs_resnet.py --workdir=DIR
-    python -m densenet_jax.sweep --config=configs/ablations/densenet_vs_resnet.py:cpu \
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/densenet_vs_resnet.py --workdir=DIR
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/densenet_vs_resnet.py:cpu \
         --workdir=DIR
 
 Parameter efficiency: test error against parameters, DenseNet-BC (concatenation) beside the

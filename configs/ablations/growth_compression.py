@@ -1,8 +1,8 @@
 """Ablation of growth rate k and compression theta: DenseNet-BC on CIFAR-10 (C10+).
 
-    python -m densenet_jax.sweep --config=configs/ablations/growth_compression.py --workdir=DIR \
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/growth_compression.py --workdir=DIR \
         --seeds=3
-    python -m densenet_jax.sweep --config=configs/ablations/growth_compression.py:cpu \
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/growth_compression.py:cpu \
         --workdir=DIR --seeds=3
 
 Default ('full'): DenseNet-BC L=100, k in {12, 24, 32} x theta in {0.25, 0.5, 0.75, 1.0}, each
@@ -19,7 +19,7 @@ budget resolves, and exercises the whole workflow on real data.
 
 from configs import cifar_base
 from configs.ablations import common
-from densenet_jax import hyper
+from densenet_jax.experiments import hyper
 
 
 def get_config(arg=None):

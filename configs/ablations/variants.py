@@ -1,7 +1,7 @@
 """The paper's Figure 4 (left): DenseNet, DenseNet-B, DenseNet-C and DenseNet-BC on C10+.
 
-    python -m densenet_jax.sweep --config=configs/ablations/variants.py --workdir=DIR
-    python -m densenet_jax.sweep --config=configs/ablations/variants.py:cpu --workdir=DIR
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/variants.py --workdir=DIR
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/variants.py:cpu --workdir=DIR
 
 Parameter efficiency: test error against parameters, one line per variant, several depths
 each, all with k = 12 and the paper's recipe. "-B" adds the bottleneck (BN-ReLU-Conv1x1 to 4k
@@ -18,7 +18,7 @@ growth-compression study's 6 runs took 66 minutes).
 
 from configs import cifar_base
 from configs.ablations import common
-from densenet_jax import hyper
+from densenet_jax.experiments import hyper
 # name, bottleneck, compression: the four variants of the paper.
 VARIANTS = (('densenet_cifar', False, 1.0),   # DenseNet
             ('densenet_bc', True, 1.0),       # DenseNet-B

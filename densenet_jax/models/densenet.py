@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from densenet_jax.models import dense_layer
+from densenet_jax.models import dispatch
 from densenet_jax.models import efficient
 from densenet_jax.models import generic_scan
 from densenet_jax.models import initializers
 from densenet_jax.models import layer
 from densenet_jax.models import ops
-from densenet_jax.models import dispatch
-from densenet_jax.models import pooling
 from densenet_jax.models import policy
+from densenet_jax.models import pooling
 from densenet_jax.models import scanned
 
 Array = jax.Array

@@ -43,7 +43,7 @@ def block_path(spec: layer.Spec, *, scan_segments: int, specialised: bool) -> st
 def describe(model, platform: str) -> Tuple[str, ...]:
   """One line per dense block of a DenseNet `model`: which implementation computes it when the
   step is lowered for `platform` ('cpu', 'gpu', 'tpu'), and why (the trainer logs these and
-  `python -m densenet_jax.summary` prints them)."""
+  `python -m densenet_jax.tools.summary` prints them)."""
   spec = model.layer_spec
   units = dense_layer.structure(spec)
   path = block_path(spec, scan_segments=model.scan_segments, specialised=model.specialised)

@@ -35,8 +35,8 @@ from jax import lax
 
 from densenet_jax.models import layer
 from densenet_jax.models import ops
-from densenet_jax.models import pooling
 from densenet_jax.models import policy
+from densenet_jax.models import pooling
 
 Array = jax.Array
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Sequence
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import jax_internals
+from densenet_jax.runtime import jax_internals
 
 # He normal initialisation with fan_out, as the official Torch implementation of the paper
 # (and fb.resnet.torch, which it builds on) initialises convolutions:

@@ -12,9 +12,9 @@ from typing import Any, Dict, Optional
 
 import jax
 
-from densenet_jax import leases
-from densenet_jax import paths
-from densenet_jax import provenance
+from densenet_jax.runtime import leases
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import provenance
 
 RESULTS = 'results.json'
 PROGRESS = 'progress.json'

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from absl import logging
 
-from densenet_jax import paths
+from densenet_jax.runtime import paths
 
 LOG = 'train.log'
 # Copied for the report: a run's JSON records and TensorBoard event files.

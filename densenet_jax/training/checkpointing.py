@@ -9,7 +9,7 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 killed in the middle of a write leaves the previous checkpoint as the latest one, and it deletes
 checkpoints beyond `keep` only after a newer one is complete. Orbax writes local and gs://
 workdirs itself; others (s3://) get the same interface through local staging and uploads
-(densenet_jax/staged_checkpoints.py, whose `checkpointer_for` picks one).
+(densenet_jax/training/staged_checkpoints.py, whose `checkpointer_for` picks one).
 
 Restoring tells failures apart. A read that fails is retried with backoff; one that still fails
 with an I/O error of the transient kind (a timeout, EIO, a dropped connection) stops the run
@@ -28,8 +28,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from densenet_jax import leases
-from densenet_jax import paths
+from densenet_jax.runtime import leases
+from densenet_jax.runtime import paths
 
 _TRANSIENT_ERRNOS = {errno.EIO, errno.ETIMEDOUT, errno.EAGAIN, errno.EBUSY, errno.ECONNRESET,
                      errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
@@ -40,7 +40,7 @@ RETRY_SECONDS = (1.0, 4.0)  # Backoff between the attempts of a failing read.
 # where an object store differs from a disk and treats any other URL as a local path: its
 # TensorStore spec builder turns `s3://b` into `s3:/b`, and it commits a step by renaming a
 # temporary directory, which S3 cannot do. Checkpoints of other schemes are written by Orbax
-# to a local staging directory and uploaded (densenet_jax/staged_checkpoints.py).
+# to a local staging directory and uploaded (densenet_jax/training/staged_checkpoints.py).
 ORBAX_SCHEMES = ('', 'gs')
 
 
@@ -122,7 +122,7 @@ class Checkpointer:
   def _reader(self) -> ocp.CheckpointManager:
     """A manager that reads in this process alone, with none of Orbax's barriers between
     processes: in a multi-process run process 0 picks the checkpoint while the others wait
-    (densenet_jax/coordination.py), then they read it."""
+    (densenet_jax/runtime/coordination.py), then they read it."""
     if self._reading is None:
       me = jax.process_index()
       options = ocp.CheckpointManagerOptions(

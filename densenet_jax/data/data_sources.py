@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from densenet_jax import paths
+from densenet_jax.runtime import paths
 
 FOLDER_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 # Larger images are refused before decoding (a small file can declare a huge image that would

@@ -175,7 +175,7 @@ def best_row(rows: Sequence[Row]) -> Optional[Row]:
 def write_all(runs: Sequence[Row], configurations: Sequence[Row], fields: Sequence[str],
               directory: str) -> List[str]:
   """Every figure the rows allow, into `directory`; returns the file names written."""
-  from densenet_jax import feature_reuse  # pylint: disable=g-import-not-at-top
+  from densenet_jax.experiments import feature_reuse  # pylint: disable=g-import-not-at-top
   written = []
 
   def out(name):

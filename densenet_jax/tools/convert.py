@@ -1,10 +1,10 @@
 """Converts published DenseNet and ResNet ImageNet weights to densenet_jax variables.
 
-    python -m densenet_jax.convert --source=densenet121-a639ec97.pth --model=densenet121 \
+    python -m densenet_jax.tools.convert --source=densenet121-a639ec97.pth --model=densenet121 \
         --output=/tmp/densenet121_tv
-    python -m densenet_jax.convert --source=model.safetensors --model=densenet121 --output=DIR
-    python -m densenet_jax.convert --source=resnet50-0676ba61.pth --model=resnet50 --output=DIR
-    python -m densenet_jax.convert --source=densenet121_weights_tf_dim_ordering_tf_kernels.h5 \
+    python -m densenet_jax.tools.convert --source=model.safetensors --model=densenet121 --output=DIR
+    python -m densenet_jax.tools.convert --source=resnet50-0676ba61.pth --model=resnet50 --output=DIR
+    python -m densenet_jax.tools.convert --source=densenet121_weights_tf_dim_ordering_tf_kernels.h5 \
         --model=densenet121 --output=DIR
 
 Sources:
@@ -38,10 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax import paths
 from densenet_jax.models import create_model
 from densenet_jax.models import resnet as resnet_layout
 from densenet_jax.models import resnet_variants
+from densenet_jax.runtime import paths
 
 KERAS_EPSILON = 1.001e-5
 TORCH_RESNETS = tuple(resnet_variants.IMAGENET_MODELS)
@@ -289,8 +289,8 @@ def save(variables: Dict[str, Any], meta: Dict[str, Any], output: str) -> None:
   """Writes OUTPUT/variables (Orbax) and OUTPUT/model.json."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from densenet_jax import checkpointing
-  from densenet_jax import staged_checkpoints
+  from densenet_jax.training import checkpointing
+  from densenet_jax.training import staged_checkpoints
   output = paths.resolve(output)  # A local directory or an object store.
   output.mkdir(parents=True, exist_ok=True)
   direct = checkpointing.orbax_writes_directly(output)

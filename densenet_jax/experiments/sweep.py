@@ -1,13 +1,13 @@
 """Runs every point of a sweep config as an ordinary training run, then writes the report.
 
-    python -m densenet_jax.sweep --config=configs/ablations/growth_compression.py:cpu --workdir=DIR
-    python -m densenet_jax.sweep --config=... --workdir=DIR --launcher=slurm --partition=gpu \
+    python -m densenet_jax.experiments.sweep --config=configs/ablations/growth_compression.py:cpu --workdir=DIR
+    python -m densenet_jax.experiments.sweep --config=... --workdir=DIR --launcher=slurm --partition=gpu \
         --nodes=1 --gpus_per_node=8 --time_min=600 --array_parallelism=4
-    python -m densenet_jax.sweep --config=... --workdir=DIR --launcher=print
-    python -m densenet_jax.sweep --config=... --workdir=DIR --parallel=4   # 4 at once here
+    python -m densenet_jax.experiments.sweep --config=... --workdir=DIR --launcher=print
+    python -m densenet_jax.experiments.sweep --config=... --workdir=DIR --parallel=4   # 4 at once here
 
 A sweep config file has `get_config(arg=None)` and `get_sweep(arg=None)`, the latter a list of
-points, each a dict from a dotted config field to a value (see densenet_jax/hyper.py). Point
+points, each a dict from a dotted config field to a value (see densenet_jax/experiments/hyper.py). Point
 `p` runs `train.py` with the config file, `--config.FIELD=VALUE` for each of its fields, and
 its own workdir DIR/<name>, the name made of the swept values ('growth_rate=12,compression=0.5').
 So every point resumes, writes results.json and TensorBoard events, like any run. `--config.X=Y`
@@ -20,7 +20,7 @@ Locally the points run one after another: rerunning the command skips finished p
 with a results.json), resumes an interrupted one and runs the rest; a failing point is recorded
 with its error and the others still run, and the command exits non-zero naming the failures.
 `--parallel=N` runs up to N points at once here, each on devices of its own (GPUs, TPU chips or
-CPU cores; `--devices_per_point=K`, see densenet_jax/parallel.py).
+CPU cores; `--devices_per_point=K`, see densenet_jax/experiments/parallel.py).
 DIR/sweep.json records each point's overrides and state (pending, running, done, failed,
 interrupted, submitted), and with --parallel the devices it ran on. `--launcher=slurm` submits
 the unfinished points as one SLURM job array through submitit; `--launcher=print` prints each
@@ -40,13 +40,13 @@ from absl import logging
 import jax
 from ml_collections.config_flags import config_flags
 
-from densenet_jax import cli
-from densenet_jax import launchers
-from densenet_jax import parallel
-from densenet_jax import plan
-from densenet_jax import paths
-from densenet_jax import records
-from densenet_jax import run_guard
+from densenet_jax.experiments import launchers
+from densenet_jax.experiments import parallel
+from densenet_jax.experiments import plan
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import run_guard
+from densenet_jax.training import cli
+from densenet_jax.training import records
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Sweep config file, FILE.py[:ARG].',
                                           lock_config=True)
@@ -134,13 +134,13 @@ def main(argv):
   else:
     devices, processes = jax.device_count(), jax.process_count()
   try:
-    sweep = plan.build_sweep(config_arg, _CONFIG.value, _WORKDIR.value, common, devices, processes,
-                        _SEEDS.value)
+    sweep = plan.build_sweep(config_arg, _CONFIG.value, _WORKDIR.value, common, devices,
+                             processes, _SEEDS.value)
   except plan.SweepError as e:
     sys.exit(f'Sweep config error: {e}')
   if _LAUNCHER.value != 'print' and not os.path.isfile(plan.TRAIN_PY):
-    sys.exit(f'Sweep error: the points run {plan.TRAIN_PY}, which does not exist: run the sweep from '
-             'a checkout of densenet_jax installed with `pip install -e .`.')
+    sys.exit(f'Sweep error: the points run {plan.TRAIN_PY}, which does not exist: run the sweep '
+             'from a checkout of densenet_jax installed with `pip install -e .`.')
   if _LAUNCHER.value == 'print':
     for point in sweep.points:
       print(shlex.join(['python', 'train.py'] + sweep.command(point)[2:]))
@@ -169,7 +169,7 @@ def main(argv):
       failed = launchers.run_slurm(sweep, wait=_WAIT.value, **slurm_parameters())
       write_report = _WAIT.value
     if _REPORT.value and write_report:
-      from densenet_jax import report  # pylint: disable=g-import-not-at-top
+      from densenet_jax.experiments import report  # pylint: disable=g-import-not-at-top
       report.write_report(sweep.workdir)
   except KeyboardInterrupt as e:
     sys.exit(f'Sweep {e or "interrupted"}; the running point saved a checkpoint. Run the same '

@@ -1,8 +1,8 @@
 """Prints a model's stages, output shapes and parameter counts without running it.
 
-    python -m densenet_jax.summary --model=densenet121
-    python -m densenet_jax.summary --model=densenet_bc --depth=250 --growth_rate=24
-    python -m densenet_jax.summary --model=preact_resnet_cifar --depth=164
+    python -m densenet_jax.tools.summary --model=densenet121
+    python -m densenet_jax.tools.summary --model=densenet_bc --depth=250 --growth_rate=24
+    python -m densenet_jax.tools.summary --model=preact_resnet_cifar --depth=164
 """
 
 from absl import app
@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax.models import family
 from densenet_jax.models import create_model
+from densenet_jax.models import family
 
 _MODEL = flags.DEFINE_string('model', 'densenet121', 'A create_model name.')
 _DEPTH = flags.DEFINE_integer('depth', None, 'Depth L, for CIFAR models.')

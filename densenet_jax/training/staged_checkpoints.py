@@ -29,9 +29,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from absl import logging
 import fsspec
 
-from densenet_jax import checkpointing
-from densenet_jax import leases
-from densenet_jax import paths
+from densenet_jax.runtime import leases
+from densenet_jax.runtime import paths
+from densenet_jax.training import checkpointing
 
 COMMITTED = 'commit_success.txt'  # Written last into each uploaded step.
 

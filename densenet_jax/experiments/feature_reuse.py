@@ -1,6 +1,6 @@
 """The paper's Figure 5: how strongly each layer of a trained DenseNet uses each earlier layer.
 
-    python -m densenet_jax.feature_reuse --workdir=RUN --output=FILE.png
+    python -m densenet_jax.experiments.feature_reuse --workdir=RUN --output=FILE.png
 
 For each dense block with n layers, pixel (s, l) is the mean absolute weight of layer l's first
 convolution (the bottleneck 1x1, or the 3x3 without a bottleneck) over the input channels that
@@ -25,8 +25,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from densenet_jax import paths
-from densenet_jax import staging
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import staging
 
 
 def supports(model: Optional[Dict[str, Any]]) -> bool:
@@ -84,8 +84,8 @@ def load_params(workdir: str) -> Dict[str, Any]:
   # pylint: disable=g-import-not-at-top
   import tempfile
   import orbax.checkpoint as ocp
-  from densenet_jax import checkpointing
-  from densenet_jax import staged_checkpoints
+  from densenet_jax.training import checkpointing
+  from densenet_jax.training import staged_checkpoints
   # A run staged locally for the report has no checkpoints: read its origin's.
   origin = staging.origin(workdir)
   if not checkpointing.orbax_writes_directly(origin):  # s3://: Orbax reads a local copy.

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from absl import logging
 import jax
 
-from densenet_jax import jax_internals
+from densenet_jax.runtime import jax_internals
 
 _PREFIX = 'densenet_jax/'
 # A process whose peer reported a failure gives its own main thread this long to fail likewise

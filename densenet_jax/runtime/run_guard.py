@@ -17,9 +17,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from densenet_jax import jax_internals
-from densenet_jax import leases
-from densenet_jax import paths
+from densenet_jax.runtime import jax_internals
+from densenet_jax.runtime import leases
+from densenet_jax.runtime import paths
 
 
 class Preemption:
@@ -86,7 +86,7 @@ class WorkdirLock:
   A local workdir: an advisory `flock` on WORKDIR/.lock, which the kernel releases when the
   process dies, even by `kill -9`, so a crashed run never leaves a stale lock behind (local and
   POSIX network filesystems). A `gs://` or `s3://` workdir: a lease object WORKDIR/.lock
-  (densenet_jax/leases.py).
+  (densenet_jax/runtime/leases.py).
   """
 
   def __init__(self, workdir: str):

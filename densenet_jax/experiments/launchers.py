@@ -1,5 +1,5 @@
 """How a sweep's points run: one after another here, or as a SLURM job array via submitit
-(several at once on one host's devices: densenet_jax/parallel.py).
+(several at once on one host's devices: densenet_jax/experiments/parallel.py).
 
 Each point is its train.py command (`sweep.Sweep.command`), its output appended to
 DIR/<point>/train.log (for a gs:// DIR, to a local copy uploaded at every poll: staging.py).
@@ -14,10 +14,10 @@ from typing import Callable, List, Optional, Sequence
 
 from absl import logging
 
-from densenet_jax import paths
-from densenet_jax import plan
-from densenet_jax import records
-from densenet_jax import staging
+from densenet_jax.experiments import plan
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import staging
+from densenet_jax.training import records
 
 
 

@@ -15,8 +15,8 @@ from typing import Any, Dict
 
 from clu import metric_writers
 
-from densenet_jax import leases
-from densenet_jax import paths
+from densenet_jax.runtime import leases
+from densenet_jax.runtime import paths
 
 
 def create(workdir: str, *, just_logging: bool) -> metric_writers.MetricWriter:

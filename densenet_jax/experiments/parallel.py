@@ -1,7 +1,7 @@
 """Several points of a sweep at once on one host, each on devices of its own (`--parallel=N`).
 
-    python -m densenet_jax.sweep --config=FILE.py --workdir=DIR --parallel=4
-    python -m densenet_jax.sweep --config=FILE.py --workdir=DIR --parallel=2 --devices_per_point=2
+    python -m densenet_jax.experiments.sweep --config=FILE.py --workdir=DIR --parallel=4
+    python -m densenet_jax.experiments.sweep --config=FILE.py --workdir=DIR --parallel=2 --devices_per_point=2
 
 A small point leaves most of an 8-GPU host, a TPU VM or a many-core CPU idle. With
 `--parallel=N` up to N points run at once, each an ordinary train.py process given K devices
@@ -53,9 +53,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
-from densenet_jax import launchers
-from densenet_jax import plan
-from densenet_jax import staging
+from densenet_jax.experiments import launchers
+from densenet_jax.experiments import plan
+from densenet_jax.runtime import staging
 
 
 # The shape of a point's K TPU chips, `TPU_CHIPS_PER_PROCESS_BOUNDS` (x,y,z).

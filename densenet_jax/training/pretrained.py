@@ -1,6 +1,6 @@
 """Starting a run from converted weights (`config.init_checkpoint`), e.g. ImageNet DenseNets.
 
-The directory is what `python -m densenet_jax.convert` writes: `variables/` (params and
+The directory is what `python -m densenet_jax.tools.convert` writes: `variables/` (params and
 batch statistics) and `model.json`. Every variable whose shape matches the config's model is
 taken; the classifier may differ in its number of classes (fine-tuning on another dataset) and
 then keeps its fresh initialisation, which the log says. Any other difference is an error
@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from densenet_jax import checkpointing
-from densenet_jax import paths
-from densenet_jax import staged_checkpoints
-from densenet_jax import validation
 from densenet_jax.models import family
+from densenet_jax.runtime import paths
+from densenet_jax.training import checkpointing
+from densenet_jax.training import staged_checkpoints
+from densenet_jax.training import validation
 
 
 def read_init_checkpoint(directory: str) -> Dict[str, Any]:
@@ -29,7 +29,7 @@ def read_init_checkpoint(directory: str) -> Dict[str, Any]:
   if not path.is_dir():
     raise validation.ConfigError(
         f'config.init_checkpoint={directory!r}: expected a directory written by '
-        f'`python -m densenet_jax.convert` (with a variables/ subdirectory); {path} is missing.')
+        f'`python -m densenet_jax.tools.convert` (with a variables/ subdirectory); {path} is missing.')
   if checkpointing.orbax_writes_directly(directory):
     return jax.device_get(ocp.StandardCheckpointer().restore(path))
   with tempfile.TemporaryDirectory() as local:  # s3://: Orbax reads a local copy.

@@ -25,7 +25,7 @@ def _distributed_state():
     return importlib.import_module('jax._src.distributed').global_state
   except (ImportError, AttributeError) as e:
     raise RuntimeError(f'jax {jax.__version__} has no jax._src.distributed.global_state, which '
-                       'densenet_jax/jax_internals.py reads: update it for this version') from e
+                       'densenet_jax/runtime/jax_internals.py reads: update it for this version') from e
 
 
 def coordination_client():
@@ -44,7 +44,7 @@ def swap_flax_scope_random(new):
   scope = importlib.import_module('flax.core.scope')
   if not hasattr(scope, 'random'):
     raise RuntimeError(f'flax {flax.__version__}: flax.core.scope has no `random`, which '
-                       'densenet_jax/jax_internals.py replaces: update it for this version')
+                       'densenet_jax/runtime/jax_internals.py replaces: update it for this version')
   previous, scope.random = scope.random, new
   return previous
 

@@ -4,7 +4,7 @@ A sweep config file has the usual `get_config(arg=None)` and also `get_sweep(arg
 returns a list of points: dicts from a dotted config field to its value. These helpers build
 such lists:
 
-    from densenet_jax import hyper
+    from densenet_jax.experiments import hyper
 
     def get_sweep(arg=None):
       return hyper.product(

@@ -27,7 +27,7 @@ LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'tensorflow-d
 # machines (`differences`); times, command lines and process ids differ by nature.
 COMPARED = ('commit', 'diff_hash', 'versions', 'python', 'platform', 'device_kind',
             'device_count', 'process_count')
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def now() -> str:

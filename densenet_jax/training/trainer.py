@@ -19,23 +19,23 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from densenet_jax import buckets
-from densenet_jax import checkpointing
-from densenet_jax import coordination
-from densenet_jax import input_pipeline
-from densenet_jax import metric_writer
-from densenet_jax import optimization
-from densenet_jax import paths
-from densenet_jax import pretrained
-from densenet_jax import provenance
-from densenet_jax import records
-from densenet_jax import run_guard
-from densenet_jax import staged_checkpoints
-from densenet_jax import train_lib
-from densenet_jax import validation
-from densenet_jax.models import family
+from densenet_jax.data import input_pipeline
 from densenet_jax.models import create_model
+from densenet_jax.models import family
 from densenet_jax.native import onednn
+from densenet_jax.runtime import buckets
+from densenet_jax.runtime import coordination
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import provenance
+from densenet_jax.runtime import run_guard
+from densenet_jax.training import checkpointing
+from densenet_jax.training import metric_writer
+from densenet_jax.training import optimization
+from densenet_jax.training import pretrained
+from densenet_jax.training import records
+from densenet_jax.training import staged_checkpoints
+from densenet_jax.training import train_lib
+from densenet_jax.training import validation
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):

@@ -25,8 +25,8 @@ from typing import Any, Dict, Iterator, Optional
 import numpy as np
 import tensorflow as tf
 
-from densenet_jax import data_sources
-from densenet_jax import preprocessing
+from densenet_jax.data import data_sources
+from densenet_jax.data import preprocessing
 
 # tf.data only needs the CPU; a TensorFlow that sees an accelerator would take its memory from JAX.
 try:

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 
-from densenet_jax import buckets
+from densenet_jax.runtime import buckets
 
 # How long a lease object may go without a heartbeat before another run may take the workdir
 # over; the holder renews it every quarter of this and stops itself after half of it without

@@ -1,6 +1,6 @@
 """The report of a sweep (or any folder of runs): tables, effects, provenance and figures.
 
-    python -m densenet_jax.report --workdir=DIR
+    python -m densenet_jax.experiments.report --workdir=DIR
 
 Writes, from what the runs themselves wrote (results.json, progress.json, TensorBoard events):
   * DIR/runs.csv: one row per run, with its swept fields, parameters, GMACs, training time and
@@ -13,13 +13,13 @@ Writes, from what the runs themselves wrote (results.json, progress.json, Tensor
     paper's ('1.5 of 300 epochs');
   * DIR/effects.csv: for each swept field, the difference of mean test error between
     neighbouring values with everything else fixed, its 95 % interval (Welch) and whether the
-    data resolve it (densenet_jax/statistics.py);
+    data resolve it (densenet_jax/experiments/statistics.py);
   * DIR/report.md: the tables, the effects, what produced the runs and a warning naming the runs
     produced by different code, library versions or hardware;
-  * the figures of densenet_jax/figures.py: test error against parameters and GMACs with 95 %
+  * the figures of densenet_jax/experiments/figures.py: test error against parameters and GMACs with 95 %
     intervals as error bars (the paper's Figures 3 and 4), training curves as the mean over
     seeds with a band, the heat map of a two-field grid, feature reuse (Figure 5).
-`python -m densenet_jax.sweep` runs it at the end of a sweep; it may also run at any time on a
+`python -m densenet_jax.experiments.sweep` runs it at the end of a sweep; it may also run at any time on a
 running sweep, where running points show their latest evaluation and are marked as running. It
 writes only these files at the top of DIR, never into a run's workdir. A folder with no
 sweep.json reports every run directory in it.
@@ -35,11 +35,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from densenet_jax import paper
-from densenet_jax import paths
-from densenet_jax import provenance
-from densenet_jax import records
-from densenet_jax import statistics
+from densenet_jax.experiments import paper
+from densenet_jax.experiments import statistics
+from densenet_jax.runtime import paths
+from densenet_jax.runtime import provenance
+from densenet_jax.training import records
 
 FIXED_COLUMNS = ('params', 'gmacs', 'train_seconds', 'train_images_per_second', 'step',
                  'eval_top1', 'eval_top5', 'eval_loss', 'best_eval_top1', 'status')
@@ -135,7 +135,7 @@ def swept_fields(rows: List[Dict[str, Any]]) -> List[str]:
 
 def with_paper(configuration: Dict[str, Any]) -> Dict[str, Any]:
   """`configuration` with 'paper_error', 'paper_source' and 'budget' where the paper trained
-  the same model on the same dataset (densenet_jax/paper.py)."""
+  the same model on the same dataset (densenet_jax/experiments/paper.py)."""
   config = configuration.get('_config') or {}
   run = next((r for r in configuration['_runs'] if r.get('_config')), None)
   result = None
@@ -245,9 +245,9 @@ def provenance_lines(runs: List[Dict[str, Any]]) -> List[str]:
 def write_report(sweep_dir: str) -> Dict[str, Any]:
   """Writes the tables, report.md and every figure that the rows allow; returns what it wrote."""
   if paths.is_remote(sweep_dir):  # Built on a local copy, then uploaded (staging.py).
-    from densenet_jax import staging  # pylint: disable=g-import-not-at-top
+    from densenet_jax.runtime import staging  # pylint: disable=g-import-not-at-top
     return staging.write_report(sweep_dir, write_report)
-  from densenet_jax import figures  # pylint: disable=g-import-not-at-top
+  from densenet_jax.experiments import figures  # pylint: disable=g-import-not-at-top
   runs = collect(sweep_dir)
   if not runs:
     raise ValueError(f'{sweep_dir} holds no sweep.json and no runs (no directory with a '

@@ -16,14 +16,15 @@ from typing import Any, Dict, List, Optional, Sequence
 from absl import flags
 from ml_collections.config_flags import config_flags
 
-from densenet_jax import hyper
-from densenet_jax import paths
-from densenet_jax import records
-from densenet_jax import trainer
-from densenet_jax import validation
+from densenet_jax.experiments import hyper
+from densenet_jax.runtime import paths
+from densenet_jax.training import records
+from densenet_jax.training import trainer
+from densenet_jax.training import validation
 
-TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        'train.py')
+# train.py of the checkout this package runs from (densenet_jax/experiments/plan.py -> root).
+TRAIN_PY = os.path.normpath(os.path.join(os.path.abspath(__file__), *[os.pardir] * 3,
+                                         'train.py'))
 SWEEP_JSON = 'sweep.json'
 
 
