@@ -90,18 +90,3 @@ def s3_bucket(tmp_path_factory):
   emulator = s3_emulator.Emulator(str(tmp_path_factory.mktemp('s3') / 'emulator.log'))
   yield f's3://{s3_emulator.BUCKET}'
   emulator.stop()
-
-
-# The longest files first: `pytest -n 2 --dist loadfile` deals whole files to the two workers in
-# collection order, and a long file dealt last leaves one worker running it alone at the end.
-_LONGEST_FIRST = ('test_reliability.py', 'test_layer_paths.py', 'test_sweep.py',
-                  'test_models.py', 'test_training.py', 'test_convert.py', 'test_hosts.py',
-                  'test_object_store.py', 'test_buckets.py', 'test_s3.py',
-                  'test_sweep_store.py',
-                  'test_parallel.py', 'test_resnet.py',
-                  'test_shards.py', 'test_input_pipeline.py')
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: files stay whole

@@ -3,8 +3,9 @@
 Flax initialises each parameter with its own call of its initialiser, and each
 `jax.random.normal` call is its own threefry computation in the compiled init program. XLA
 compiles every one of them separately, so for the deep models (DenseNet-BC L=250 has about 500
-kernels) `train_lib.create_train_state` compiled for longer than their train steps, and almost
-all of that time went to the draws (docs/performance.md, "Initialising the train state").
+kernels) one draw per kernel makes `train_lib.create_train_state` compile for longer than the
+train step itself (docs/design.md#initialisation; today's times are in docs/performance.md,
+"Initialising the train state").
 
 Inside `deferred()`, `conv_kernel_init` only records each kernel's key and shape and returns
 zeros; `Deferred.fill` then draws the kernels of similar size together, one vmapped
