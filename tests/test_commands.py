@@ -44,8 +44,13 @@ def succeeded(*args):
   return proc
 
 
+# input_pipeline.py at its smallest, so that a bad argument it stopped accepting fails soon.
+SMALL_INPUT = ['--cache_dir={tmp}/cache', '--num_images=4', '--num_classes=2', '--rounds=1',
+               '--torch=False']
+
 # Each: the command's arguments ('{tmp}': a fresh empty directory), and what its one line must
-# say: the flag, field or file, and what was expected.
+# say: the flag, field or file, and what was expected. The sizes are small where a command
+# that no longer refused the argument would go on to measure or train.
 BAD_ARGUMENTS = {
     'train-missing-config': (
         ['train.py', '--config=configs/nosuch.py', '--workdir={tmp}/run'],
@@ -90,7 +95,7 @@ BAD_ARGUMENTS = {
         ['benchmarks/throughput.py', '--cases=densenet121:8'],
         ['--cases=densenet121:8', 'expected MODEL:BATCH:DTYPE:MODE']),
     'throughput-unknown-model': (
-        ['benchmarks/throughput.py', '--cases=densenet12:8:float32:std-scan1'],
+        ['benchmarks/throughput.py', '--cases=densenet12:8:float32:std-scan1', '--torch=False'],
         ['--cases=densenet12:8:float32:std-scan1', "Unknown model name 'densenet12'"]),
     'memory-resnet': (
         ['benchmarks/memory.py', '--model=resnet50'],
@@ -99,16 +104,17 @@ BAD_ARGUMENTS = {
         ['benchmarks/devices.py', '--devices=1,two'],
         ['--devices=1,two', 'expected positive integers']),
     'devices-uneven-batch': (
-        ['benchmarks/devices.py', '--batch_size=3', '--devices=1,2'],
+        ['benchmarks/devices.py', '--model=resnet110', '--batch_size=3', '--devices=1,2',
+         '--rounds=1', '--steps=1'],
         ['--batch_size=3', "not a multiple of --devices ['2']"]),
     'ab-family-without-depth': (
         ['benchmarks/ab.py', '--model=densenet_bc'],
         ['--model=densenet_bc', 'needs depth= and growth_rate=']),
     'input-pipeline-cores': (
-        ['benchmarks/input_pipeline.py', '--cores=1,2,four', '--cache_dir={tmp}/cache'],
+        ['benchmarks/input_pipeline.py', '--cores=1,2,four', *SMALL_INPUT],
         ['--cores=1,2,four', 'expected positive integers']),
     'input-pipeline-sources': (
-        ['benchmarks/input_pipeline.py', '--sources=folder,imagenet', '--cache_dir={tmp}/cache'],
+        ['benchmarks/input_pipeline.py', '--sources=folder,imagenet', *SMALL_INPUT],
         ['--sources=folder,imagenet', "['imagenet'] unknown"]),
 }
 
