@@ -111,14 +111,24 @@ def _in_processes(names):
 
 
 def _variants(names):
-  """Each variant's (model, onednn, fused), every one built, and so validated, at once."""
+  """Each variant's (model, onednn, fused), every one built, and so validated, at once; a bad
+  --model, --overrides or variant exits with one line naming it."""
   from densenet_jax.models import create_model  # pylint: disable=g-import-not-at-top
-  base = parse_settings(_OVERRIDES.value)
+  given = f'--model={_MODEL.value}' + (f' --overrides={_OVERRIDES.value}' if _OVERRIDES.value
+                                       else '')
+  try:
+    base = parse_settings(_OVERRIDES.value)
+    create_model(_MODEL.value, **base)
+  except (TypeError, ValueError) as e:   # jnp.dtype raises TypeError for an unknown name.
+    sys.exit(f'ab: {given}: {e}')
   variants = []
   for name in names:
-    s = {**base, **parse_settings(name)}
-    flags_ = s.pop('onednn', True), s.pop('fused', True)
-    variants.append((create_model(_MODEL.value, **s), *flags_))
+    try:
+      s = {**base, **parse_settings(name)}
+      flags_ = s.pop('onednn', True), s.pop('fused', True)
+      variants.append((create_model(_MODEL.value, **s), *flags_))
+    except (TypeError, ValueError) as e:
+      sys.exit(f'ab: --variants: {name!r}: {e}')
   return variants
 
 

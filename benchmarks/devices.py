@@ -76,6 +76,16 @@ def main(argv):
   if _WORKER.value:
     print('RESULT ' + json.dumps(_measure()))
     return
+  if not all(n.isdigit() and int(n) > 0 for n in _DEVICES.value):
+    sys.exit(f'devices: --devices={",".join(_DEVICES.value)}: expected positive integers.')
+  uneven = [n for n in _DEVICES.value if _BATCH.value % int(n)]
+  if uneven:   # The global batch is split evenly over the devices.
+    sys.exit(f'devices: --batch_size={_BATCH.value}: not a multiple of --devices {uneven}.')
+  from densenet_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  try:   # Built, not compiled: an unknown name fails here, not in every worker.
+    create_model(_MODEL.value)
+  except ValueError as e:
+    sys.exit(f'devices: --model={_MODEL.value}: {e}')
   trees = [('this checkout', _ROOT)] + ([('baseline', _BASELINE.value)] if _BASELINE.value
                                         else [])
   configs = [(label, tree, int(n)) for label, tree in trees for n in _DEVICES.value]

@@ -287,6 +287,12 @@ def main(argv):
   if _WORKER.value:
     _worker(_WORKER.value)
     return
+  if not all(c.isdigit() and int(c) > 0 for c in _CORES.value):
+    sys.exit(f'input_pipeline: --cores={",".join(_CORES.value)}: expected positive integers.')
+  unknown = sorted(set(_SOURCES.value) - {'folder', 'tfds'})
+  if unknown:
+    sys.exit(f'input_pipeline: --sources={",".join(_SOURCES.value)}: {unknown} unknown; '
+             'expected folder, tfds or both.')
   data = write_data(_CACHE_DIR.value, _NUM_IMAGES.value, _NUM_CLASSES.value)
   print(f'{data["num_images"]} JPEGs, mean {data["mean_jpeg_kib"]:.0f} KiB, in '
         f'{_CACHE_DIR.value}', flush=True)

@@ -10,6 +10,7 @@ memory-efficient mode exists to shrink. Nothing is executed, only compiled.
 """
 
 import json
+import sys
 import time
 
 from absl import app
@@ -19,10 +20,11 @@ import jax.numpy as jnp
 import optax
 
 from densenet_jax.models import create_model
+from densenet_jax.models import min_image_size
 from densenet_jax.training import train_lib
 
 _MODEL = flags.DEFINE_string('model', 'densenet_bc100_k12', 'A create_model name.')
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Batch size.', lower_bound=1)
 _SIZE = flags.DEFINE_integer('image_size', 32, 'Image height and width.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _SCAN = flags.DEFINE_integer('scan_segments', 1, 'Scanned loops per dense block; 0: unrolled.')
@@ -58,6 +60,14 @@ def compiled_memory(name, batch_size, image_size, dtype, memory_efficient, scan_
 
 def main(argv):
   del argv
+  try:   # Both modes, so that a field one of them lacks (ResNets) is named before compiling.
+    models = [create_model(_MODEL.value, memory_efficient=eff, scan_segments=_SCAN.value)
+              for eff in (False, True)]
+  except (TypeError, ValueError) as e:
+    sys.exit(f'memory: --model={_MODEL.value}: {e}')
+  if _SIZE.value < min_image_size(models[0]):
+    sys.exit(f'memory: --image_size={_SIZE.value}: {_MODEL.value} needs at least '
+             f'{min_image_size(models[0])} pixels.')
   rows = [compiled_memory(_MODEL.value, _BATCH.value, _SIZE.value, _DTYPE.value, eff,
                           _SCAN.value) for eff in (False, True)]
   for row in rows:

@@ -92,6 +92,21 @@ def model_options(name, mode):
   raise ValueError(f'mode {mode!r}: expected std, eff, std-scanN or eff-scanN with N >= 1')
 
 
+def check_case(case):
+  """Raises ValueError saying what is wrong with a --cases entry MODEL:BATCH:DTYPE:MODE; the
+  model is built (not compiled), so an unknown name fails here, not in its worker."""
+  parts = case.split(':')
+  if len(parts) != 4:
+    raise ValueError('expected MODEL:BATCH:DTYPE:MODE, e.g. densenet121:8:float32:std-scan1')
+  name, batch, dtype, mode = parts
+  if not batch.isdigit() or int(batch) < 1:
+    raise ValueError(f'batch {batch!r}: expected a positive integer')
+  if dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f'dtype {dtype!r}: expected float32 or bfloat16')
+  from densenet_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  create_model(name, **model_options(name, mode))
+
+
 def measure_jax(name, batch, dtype, mode, steps):
   """One densenet_jax case: the real train step of the trainer (SGD, BatchNorm updates)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -297,8 +312,11 @@ def main(argv):
   del argv
   # Both frameworks' workers inherit the restarted environment, so they are compared alike.
   hugepages.restart_with_hugepages()
-  for case in _CASES.value:
-    model_options(case.split(':')[0], case.split(':')[-1])   # a bad MODE fails here, first
+  for case in _CASES.value:   # a bad case fails here, first, in one line
+    try:
+      check_case(case)
+    except ValueError as e:
+      sys.exit(f'throughput: --cases={case}: {e}')
   if _WORKER.value:
     _run_worker(_WORKER.value)
     return

@@ -280,7 +280,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   workdir = flags.FLAGS.workdir
   if not paths.resolve(workdir).is_dir():
-    raise app.UsageError(f'--workdir={workdir}: no such directory.')
+    raise SystemExit(f'report: --workdir={workdir}: no such directory.')
   try:
     write_report(workdir)
   except ValueError as e:

@@ -97,6 +97,19 @@ def slurm_parameters() -> Dict[str, Any]:
   return parameters
 
 
+def _slurm_problem() -> str:
+  """Why --launcher=slurm cannot submit from here ('' when it can): checked before anything
+  is written, since submitit would only fail at submission, with a traceback."""
+  try:
+    import submitit  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return 'needs submitit (pip install submitit)'
+  if submitit.SlurmExecutor.affinity() <= 0:   # submitit's own test: srun on the PATH.
+    return ('no SLURM here (srun is not on the PATH): run the sweep on a SLURM login node, or '
+            'use --launcher=local or --launcher=print')
+  return ''
+
+
 def _interrupt(signum, frame):
   del frame
   raise KeyboardInterrupt(f'stopped by {signal.Signals(signum).name}')
@@ -120,6 +133,8 @@ def _parallel_slots() -> List[parallel.Slot]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _LAUNCHER.value == 'slurm' and _slurm_problem():
+    sys.exit(f'Sweep flag error: --launcher=slurm: {_slurm_problem()}.')
   config_flag = flags.FLAGS['config']
   config_arg = config_flags.get_config_filename(config_flag)
   common = config_flags.get_override_values(config_flag)

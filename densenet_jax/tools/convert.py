@@ -312,8 +312,13 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Directory to write the converted 
 
 
 def main(argv):
-  del argv
-  variables, meta = convert(_SOURCE.value, _MODEL.value)
+  if len(argv) > 1:   # A name without its flag would otherwise be ignored.
+    raise SystemExit(f'convert: unexpected arguments {argv[1:]}: give --source=FILE, '
+                     '--model=NAME and --output=DIR.')
+  try:
+    variables, meta = convert(_SOURCE.value, _MODEL.value)
+  except ConversionError as e:   # Names the file, key or shape; a traceback would bury it.
+    raise SystemExit(f'convert: {e}') from None
   save(variables, meta, _OUTPUT.value)
   print(f'Wrote {meta["model"]} ({meta["source"]}, {meta["num_classes"]} classes) to '
         f'{_OUTPUT.value}. Train or evaluate from it with --config.init_checkpoint='

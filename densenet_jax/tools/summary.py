@@ -59,7 +59,9 @@ def summarize(model, image_size: int) -> str:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:   # `summary densenet169` would otherwise show --model's default.
+    raise SystemExit(f'summary: unexpected arguments {argv[1:]}: name the model with '
+                     '--model=NAME.')
   overrides = {}
   if _DEPTH.value is not None:
     overrides['depth'] = _DEPTH.value
@@ -69,7 +71,13 @@ def main(argv):
     model = create_model(_MODEL.value, **overrides)
   except (ValueError, TypeError) as e:
     raise SystemExit(f'summary: --model={_MODEL.value}: {e}') from None
-  size = _IMAGE_SIZE.value or (224 if model.stem == 'imagenet' else 32)
+  size = _IMAGE_SIZE.value
+  if size is None:
+    size = 224 if model.stem == 'imagenet' else 32
+  smallest = family.min_image_size(model)
+  if size < smallest:   # Shapes of zero, not an error, further down.
+    raise SystemExit(f'summary: --image_size={size}: {_MODEL.value} needs at least {smallest} '
+                     f'pixels (it halves the resolution {smallest.bit_length() - 1} times).')
   print(f'{_MODEL.value}: {model}\n')
   print(summarize(model, size))
   print(f'\n{family.gmacs(model, size):.3f} GMACs per {size}x{size} image '
