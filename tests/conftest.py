@@ -1,12 +1,15 @@
-"""Test-wide settings: 8 host CPU devices (set before JAX starts), exact float32 matmuls and one
-compilation cache per run."""
+"""Test-wide settings: 8 host CPU devices and fast compiles (set before JAX starts), exact float32
+matmuls and one compilation cache per run."""
 
 import os
 import shutil
 import tempfile
 
+import xla_flags  # pylint: disable=g-bad-import-order
+
 # Multi-device tests need several devices; on CPU XLA fakes them. Must precede importing jax.
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# Compiled with less LLVM optimisation, as every process the tests start (tests/xla_flags.py).
+os.environ.setdefault('XLA_FLAGS', xla_flags.with_devices(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 # torchvision segfaults when imported after TensorFlow (torch 2.14.1, TF 2.21.0, seen here), and

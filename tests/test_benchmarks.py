@@ -10,6 +10,7 @@ import sys
 import types
 
 import pytest
+import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AB = os.path.join(ROOT, 'benchmarks', 'ab.py')
@@ -17,7 +18,7 @@ TINY = ['--model=densenet_bc', '--overrides=depth=10,growth_rate=4', '--batch_si
 
 
 def _ab(*args):
-  env = dict(os.environ, XLA_FLAGS='', DENSENET_JAX_HUGEPAGES='0')
+  env = dict(os.environ, XLA_FLAGS=xla_flags.FAST_COMPILE, DENSENET_JAX_HUGEPAGES='0')
   return subprocess.run([sys.executable, AB, *TINY, *args], capture_output=True, text=True,
                         env=env, timeout=600, check=False)
 

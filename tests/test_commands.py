@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 import pytest
+import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ _NOT_THE_MESSAGE = re.compile(r'[IWEF]\d{4} \d\d:\d\d:\d\d|Pass --helpshort or -
 
 def command(*args, timeout=600):
   """`python ARGS...` run in the repository root as the docs write it, on one CPU device."""
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=xla_flags.with_devices(1))
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout, check=False)
 

@@ -6,7 +6,6 @@ overrides against the config file it names."""
 
 import ast
 import importlib.util
-import os
 import pathlib
 import re
 import shlex

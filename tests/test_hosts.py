@@ -14,6 +14,12 @@ import numpy as np
 import pytest
 
 from test_training import load_params, results, run_to_end, train_py
+import xla_flags
+
+# One worker runs the whole file (`--dist loadgroup`): its module fixture
+# runs the two-process training,
+# once for the file.
+pytestmark = pytest.mark.xdist_group('test_hosts')
 
 
 def _free_port():
@@ -35,7 +41,7 @@ def two_processes(workdir, *extra, log_dir=None, only_1=()):
                           '--num_processes=2', f'--process_id={i}',
                           '--config.distributed.heartbeat_timeout_seconds=6', *extra,
                           *(only_1 if i == 1 else ()),
-                          env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+                          env={'XLA_FLAGS': xla_flags.with_devices(2)},
                           **popen))
   return procs
 

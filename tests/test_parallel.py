@@ -15,10 +15,10 @@ import pytest
 
 from densenet_jax.experiments import parallel
 from densenet_jax.experiments import plan
-from densenet_jax.experiments import sweep
 from densenet_jax.training import records
 from tests.test_sweep import ROOT
 from tests.test_sweep import run_sweep
+import xla_flags
 
 CORES = sorted(os.sched_getaffinity(0))
 needs_two_cores = pytest.mark.skipif(len(CORES) < 2, reason='needs 2 CPU cores')
@@ -212,7 +212,7 @@ def _train_children(parent):
 
 
 def _start_sweep(config_arg, workdir, record, *extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1),
              PYTHONPATH=ROOT, PARALLEL_TEST_RECORD=str(record))
   return subprocess.Popen(
       [sys.executable, '-m', 'densenet_jax.experiments.sweep', f'--config={config_arg}',

@@ -26,9 +26,13 @@ from densenet_jax.training import trainer
 from densenet_jax.training.validation import ConfigError
 from test_training import load_params
 from test_training import results
-from test_training import run_to_end
 from test_training import tiny_config
 from test_training import train_py
+
+# One worker runs the whole file (`--dist loadgroup`): its module fixture
+# trains the uninterrupted reference run,
+# once for the file.
+pytestmark = pytest.mark.xdist_group('test_reliability')
 
 STEPS = 40
 # 40 steps with a checkpoint every 2 keeps the process busy writing checkpoints, so that kills

@@ -16,7 +16,6 @@ from densenet_jax.experiments import hyper
 from densenet_jax.experiments import plan
 from densenet_jax.experiments import report
 from densenet_jax.experiments import statistics
-from densenet_jax.experiments import sweep
 from densenet_jax.runtime import provenance
 from densenet_jax.training import metric_writer
 

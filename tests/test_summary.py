@@ -25,7 +25,7 @@ def summary(*args):
 def test_summary_prints_every_stage(args, total, first_row):
   result = summary(*args)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'| **total** |' in result.stdout and f'**{total}**' in result.stdout
+  assert '| **total** |' in result.stdout and f'**{total}**' in result.stdout
   if first_row:
     assert first_row in result.stdout
   assert 'GMACs per' in result.stdout

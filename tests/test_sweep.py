@@ -15,11 +15,11 @@ from densenet_jax.experiments import hyper
 from densenet_jax.experiments import launchers
 from densenet_jax.experiments import plan
 from densenet_jax.experiments import report
-from densenet_jax.experiments import sweep
 from densenet_jax.models import complexity
 from densenet_jax.models import create_model
 from densenet_jax.models import family
 from densenet_jax.training import trainer
+import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +54,7 @@ def sweep_file(tmp_path):
 
 
 def run_sweep(config_arg, workdir, *extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=ROOT)
+  env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1), PYTHONPATH=ROOT)
   return subprocess.run(
       [sys.executable, '-m', 'densenet_jax.experiments.sweep', f'--config={config_arg}',
        f'--workdir={workdir}', '--poll_seconds=2', *extra],
@@ -196,7 +196,7 @@ def test_print_and_submitit_launchers_run_a_point(sweep_file, tmp_path):
   built.points = built.points[:1]
   os.makedirs(built.workdir)
   env = dict(os.environ)
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  os.environ['XLA_FLAGS'] = xla_flags.with_devices(1)
   os.environ['PYTHONPATH'] = ROOT
   try:
     failed = launchers.run_slurm(built, cluster='local', wait=True, timeout_min=10)

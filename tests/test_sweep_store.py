@@ -16,7 +16,6 @@ import pytest
 
 from densenet_jax.experiments import launchers
 from densenet_jax.experiments import plan
-from densenet_jax.experiments import sweep
 from densenet_jax.runtime import paths
 from densenet_jax.runtime import run_guard
 from densenet_jax.runtime import staging

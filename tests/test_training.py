@@ -21,6 +21,7 @@ from densenet_jax.training import optimization
 from densenet_jax.training import train_lib
 from densenet_jax.training import trainer
 from densenet_jax.training.validation import ConfigError
+import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +56,7 @@ def train_py(workdir, *extra, env=None, **popen):
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
          f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', f'--workdir={workdir}',
          *TINY, *extra]
-  full_env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  full_env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1),
                   PYTHONPATH=ROOT)
   full_env.update(env or {})
   popen = dict(dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), **popen)
@@ -164,7 +165,7 @@ def test_cpu_steps_leave_convolutions_to_eigen(use_onednn):
 def test_xla_flags_set_by_the_user_win(monkeypatch):
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   assert 'xla_cpu_experimental_ynn_fusion_type' in train_lib.compiler_options(mesh)
-  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot ' + xla_flags.FAST_COMPILE)
   assert train_lib.compiler_options(mesh) is None
 
 
@@ -197,7 +198,7 @@ def test_quickstart_model_learns(tmp_path):
        f'--config={os.path.join(ROOT, "configs", "quickstart.py")}', '--config.num_epochs=5',
        '--config.eval_every_steps=-1'], cwd=ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+      env=dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1),
                PYTHONPATH=ROOT))
   assert proc.returncode == 0, proc.stdout[-5000:]
   losses = report.read_scalars(workdir)['train_loss']
