@@ -94,7 +94,7 @@ def standard_results(standard, x, dropout_key):
   key = (standard, x.shape, np.asarray(x).tobytes(), None if dropout_key is None else
          np.asarray(jax.random.key_data(dropout_key)).tobytes())
   if key not in _STANDARD:
-    variables = standard.init(jax.random.key(0), x)
+    variables = jax.jit(standard.init)(jax.random.key(0), x)   # compiled: eager init runs op by op
     _STANDARD[key] = (variables, loss_and_grads(standard, variables, x, dropout_key),
                       infer(standard, variables, x))
   return _STANDARD[key]

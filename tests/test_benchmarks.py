@@ -23,6 +23,7 @@ def _ab(*args):
                         env=env, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_ab_times_every_variant_against_the_first(tmp_path):
   out = tmp_path / 'ab.json'
   proc = _ab('--variants=scan_chunk=64;scan_chunk=4,memory_efficient=True', '--steps=2',
@@ -37,6 +38,7 @@ def test_ab_times_every_variant_against_the_first(tmp_path):
   assert '| scan_chunk=4,memory_efficient=True |' in proc.stdout
 
 
+@pytest.mark.slow
 def test_ab_in_fresh_processes_gives_each_round_its_ratio(tmp_path):
   out = tmp_path / 'ab.json'
   proc = _ab('--variants=;dtype=bfloat16', '--steps=1', '--processes=2', f'--json={out}')
@@ -48,6 +50,7 @@ def test_ab_in_fresh_processes_gives_each_round_its_ratio(tmp_path):
   assert 'round 2:' in proc.stdout and '| dtype=bfloat16 |' in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('processes', [0, 2])
 def test_ab_rejects_a_bad_variant_before_compiling(processes):
   proc = _ab('--variants=scan_chunk=64;scan_chunk=0', f'--processes={processes}')

@@ -27,6 +27,7 @@ def closed_port_url():
   return f'http://127.0.0.1:{gcs_emulator._free_port()}'  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_is_one_line_and_writes_nothing(bucket):
   """train.py on a bucket that does not exist: exit 1 with one line, before anything starts."""
   workdir = 'gs://no-such-bucket-here/run'
@@ -113,6 +114,7 @@ def _holder_pid(workdir):
   return record and record.get('pid')
 
 
+@pytest.mark.slow
 def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket):
   """Run 1 is frozen (SIGSTOP) past its lease, run 2 takes the workdir over and is frozen in
   turn; run 1 thawed must exit (75) with one line, writing nothing; run 2 thawed ends as an

@@ -68,6 +68,7 @@ def torch_densenet121(tmp_path_factory):
   return model, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['densenet121', 'densenet161', 'densenet169', 'densenet201'])
 def test_torchvision_logits_match(name, tmp_path, torch_densenet121):
   if name == 'densenet121':
@@ -100,6 +101,7 @@ def test_safetensors_and_legacy_keys_convert_identically(tmp_path, torch_densene
     jax.tree.map(np.testing.assert_array_equal, variables, reference)
 
 
+@pytest.mark.slow
 def test_command_line_writes_a_loadable_checkpoint(tmp_path, torch_densenet121):
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   model, path = torch_densenet121
@@ -142,6 +144,7 @@ def test_conversion_errors(tmp_path, torch_densenet121):
     convert.convert(str(tmp_path / 'absent.safetensors'), 'densenet121')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['densenet121', 'densenet169', 'densenet201'])
 def test_keras_logits_match(name, tmp_path):
   keras = pytest.importorskip('keras')
@@ -165,6 +168,7 @@ def test_keras_logits_match(name, tmp_path):
                                 {'bn_epsilon': convert.KERAS_EPSILON})
 
 
+@pytest.mark.slow
 def test_imagenet_evaluation_of_converted_weights_on_mock_data(tmp_path, torch_densenet121):
   """Convert, then `eval_only` through the real ImageNet input pipeline and trainer."""
   _, path = torch_densenet121
@@ -189,6 +193,7 @@ def test_imagenet_evaluation_of_converted_weights_on_mock_data(tmp_path, torch_d
   assert os.path.isfile(str(tmp_path / 'eval' / 'results.json'))
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_all_but_a_resized_classifier():
   model_1000 = create_model('densenet_bc', depth=10, growth_rate=4, num_classes=1000)
   model_10 = create_model('densenet_bc', depth=10, growth_rate=4, num_classes=10)

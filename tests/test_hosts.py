@@ -57,6 +57,7 @@ def two_process_run(tmp_path_factory):
   return workdir, outs
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_evaluate(two_process_run):
   """Two processes on localhost with 2 CPU devices each form one run of 4 devices."""
   workdir, outs = two_process_run
@@ -80,6 +81,7 @@ def _wait_for(condition, procs, what):
     time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_two_processes_stop_together_die_together_and_resume(tmp_path, two_process_run):
   """Ctrl-C (SIGINT) on one process stops both after the same step; after kill -9 of one, the
   other exits non-zero within the heartbeat timeout (6 s here), naming it; rerunning both
@@ -119,6 +121,7 @@ def test_two_processes_stop_together_die_together_and_resume(tmp_path, two_proce
     assert results(workdir)[key] == results(reference)[key], key
 
 
+@pytest.mark.slow
 def test_two_processes_follow_process_0_or_stop_together(tmp_path, two_process_run):
   """A refusal on process 0 (checkpoints of another model) stops both processes with the same
   line; so do folder datasets that the two list differently, naming the first differing file."""

@@ -82,6 +82,7 @@ def test_restarted_process_faults_in_large_allocations_by_huge_pages():
 
 @pytest.mark.skipif(hugepages.restart_environment({}) is None,
                     reason='needs Linux, glibc >= 2.35 and transparent huge pages')
+@pytest.mark.slow
 def test_importing_train_py_does_not_restart_the_process():
   # Restarted, the process would run this code again with the tunable in its environment.
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

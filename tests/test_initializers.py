@@ -40,6 +40,7 @@ def assert_same_values(params, reference):
     ('densenet_bc', dict(depth=10, growth_rate=4, memory_efficient=True)),
     ('densenet_cifar', dict(depth=10, growth_rate=4)),   # 3x3 kernels of every input width
 ])
+@pytest.mark.slow
 def test_create_train_state_draws_flax_values(name, overrides):
   """Every kernel gets the draws flax's own init gives it; none is left a zero placeholder."""
   model = create_model(name, **overrides)
@@ -49,6 +50,7 @@ def test_create_train_state_draws_flax_values(name, overrides):
   assert kernels >= 7
 
 
+@pytest.mark.slow
 def test_kernel_keys_are_derived_in_one_batch():
   """Inside deferred() every kernel's key is traced back to flax's fold_in, so that fill()
   derives them all at once; if a flax upgrade derived keys differently, the values would stay
@@ -65,6 +67,7 @@ def test_kernel_keys_are_derived_in_one_batch():
   assert flax.core.scope.random is jax.random
 
 
+@pytest.mark.slow
 def test_without_partitionable_threefry_each_kernel_is_drawn_alone():
   """The prefix trick needs partitionable threefry; without it the values are still flax's."""
   model = create_model('densenet_bc', depth=10, growth_rate=4)

@@ -14,6 +14,8 @@ from densenet_jax.native import onednn
 from model_checks import assert_trains_as, count, lowered_train_gradient, loss_and_grads, \
     standard_results, tiny
 
+pytestmark = pytest.mark.slow   # every test here compiles several models
+
 
 # Every way of computing a dense block, against the unrolled standard one: (memory_efficient,
 # scan_segments, scan_chunk, fused, specialised). Scanned blocks of one segment (every layer
@@ -140,7 +142,7 @@ def test_bfloat16_paths_follow_the_float32_gradient(layer_fields, paths):
   scanned block."""
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   reference = tiny(depth=16, scan_segments=0, **layer_fields)
-  variables = reference.init(jax.random.key(0), x)
+  variables = jax.jit(reference.init)(jax.random.key(0), x)
   expected = loss_and_grads(reference, variables, x)[2]
   for fields in paths:
     model = tiny(depth=16, dtype=jnp.bfloat16, **layer_fields, **fields)
@@ -163,7 +165,7 @@ def test_squeeze_excitation_adds_its_unit():
   layer only."""
   plain, se = tiny(depth=16), tiny(depth=16, se_ratio=0.5)   # k = 4: 2 hidden units
   x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  variables = se.init(jax.random.key(0), x)
+  variables = jax.jit(se.init)(jax.random.key(0), x)
   layer1 = variables['params']['block1']['layer1']
   assert layer1['se_reduce']['kernel'].shape == (4, 2) and layer1['se_reduce']['bias'].shape == (2,)
   assert layer1['se_expand']['kernel'].shape == (2, 4) and layer1['se_expand']['bias'].shape == (4,)

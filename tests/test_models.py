@@ -31,6 +31,7 @@ PARAM_COUNTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
 def test_parameter_count_and_output_shape(name):
   imagenet = name in models.IMAGENET_MODELS
@@ -98,12 +99,14 @@ def test_clear_errors(kwargs, match):
     create_model(**kwargs)
 
 
+@pytest.mark.slow
 def test_scan_chunk_follows_the_layer_widths_unless_set():
   """By default a scanned layer on a CPU reads 48 channels at a time in the first block where
   that pads the layers' inputs at least 5% less than 64 does, and (standard mode) twice as many
   in each later block: DenseNet-BC-100 k=12 (block inputs 24, 108, 150 channels, k=12),
   densenet161 (k=48) and DenseNet L=40 k=12, not densenet121 (k=32) or the other named models.
-  An explicit scan_chunk is kept in every block."""
+  An explicit scan_chunk is kept in every block. Guards the chunk rule of docs/design.md#chunks
+  (why a chunk of 48 on CPU), not XLA: the table is computed by models/policy.py."""
   chosen = {name: create_model(name).chunk_for('cpu') for name in models.DENSENET_NAMES
             if name not in ('densenet_bc', 'densenet_cifar')}
   assert {name for name, chunk in chosen.items() if chunk == 48} == {
@@ -134,12 +137,14 @@ def test_scan_chunk_follows_the_layer_widths_unless_set():
   assert 'tensor<1x8x8x192xf32>' not in program(scan_chunk=48)
 
 
+@pytest.mark.slow
 def test_scan_chunk_on_accelerators_is_one_chunk_or_a_fixed_workspace():
   """On a GPU or TPU a standard layer runs on its whole buffer in one chunk (as wide as the
   widest input: DenseNet-BC-100's last block ends at 150 + 16 * 12 = 342 channels). A
   memory-efficient one reads 128 channels at a time in the first block and 4x as many in each
   later block (a quarter of the positions), so every block's workspace is the same size. An
-  explicit scan_chunk is kept in every block."""
+  explicit scan_chunk is kept in every block. Guards docs/design.md#chunks: the chunk is the
+  lowering platform's, read from the exported program's slice shapes."""
   bc100 = create_model('densenet_bc100_k12')
   assert bc100.chunk_for('cpu') == 48
   assert bc100.chunk_for('gpu') == bc100.chunk_for('tpu', 2) == 342
@@ -191,11 +196,12 @@ def test_initialisation():
     jax.tree.map(np.testing.assert_array_equal, variables, other)
 
 
+@pytest.mark.slow
 def test_train_and_eval_modes():
   """Training uses batch statistics and updates running averages; eval uses the averages."""
   model = tiny(dropout_rate=0.5)
   x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3)) * 3 + 1
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   eval1 = infer(model, variables, x)
   eval2 = infer(model, variables, x)
   np.testing.assert_array_equal(eval1, eval2)  # No dropout at eval time.
@@ -239,17 +245,20 @@ def _convolutions_in_train_program(depth, scan_segments):
   return convolutions
 
 
+@pytest.mark.slow
 def test_scanned_program_does_not_grow_with_depth():
-  """Why compile time of the deepest models stays flat: with scanned blocks the train step's
-  program has as many convolutions for L=100 as for L=40; unrolled, it has 2.5x as many."""
+  """Guards docs/design.md#why (scanned dense blocks): compile time of the deepest models stays
+  flat because with scanned blocks the train step's program has as many convolutions for L=100
+  as for L=40; unrolled, it has 2.5x as many."""
   assert _convolutions_in_train_program(100, 2) == _convolutions_in_train_program(40, 2)
   assert _convolutions_in_train_program(100, 0) > 2 * _convolutions_in_train_program(40, 0)
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bfloat16_with_float32_params():
   model = tiny(dtype=jnp.bfloat16, memory_efficient=True, scan_segments=2)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
   logits, upd, grads = loss_and_grads(model, variables, x)
   assert logits.dtype == jnp.float32
@@ -277,7 +286,7 @@ def test_bfloat16_buffers_are_updated_in_place(memory_efficient):
   array to float32, the update and a conversion back, so that a block buffer's update in its
   loop rewrote the buffer twice per layer (ops.bits). In the compiled bfloat16 train step no
   update may be on bfloat16, nor update an array converted (or bit-cast) in the same fusion:
-  every update writes into its operand's own buffer."""
+  every update writes into its operand's own buffer. Guards docs/design.md#the-feature-buffer."""
   model = create_model('densenet_bc', depth=16, growth_rate=12, dtype=jnp.bfloat16,
                        memory_efficient=memory_efficient)
   updates = _in_place_updates(lowered_train_gradient(model, (8, 16, 16, 3)).compile().as_text())
@@ -290,9 +299,11 @@ def test_min_image_size():
   assert models.min_image_size(create_model('densenet_bc100_k12')) == 4
 
 
+@pytest.mark.slow
 def test_memory_efficient_halves_compiled_train_memory():
-  """The point of the mode: XLA must not merge the recomputation back into the forward pass
-  (it does so for plain jax.checkpoint on CPU), so compiled temporary memory really drops."""
+  """The point of the mode (docs/design.md#the-memory-efficient-mode): XLA must not merge the
+  recomputation back into the forward pass (it does so for plain jax.checkpoint on CPU), so
+  compiled temporary memory really drops."""
 
   def temp_bytes(memory_efficient, scan_segments=0):   # unrolled unless told
     model = create_model('densenet_bc', depth=40, growth_rate=12,
@@ -313,12 +324,13 @@ def test_memory_efficient_halves_compiled_train_memory():
   assert temp_bytes(True, scan_segments=1) < 0.75 * scanned_standard
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('use_onednn', [False, True], ids=['xla', 'onednn'])
 def test_memory_efficient_stem_keeps_no_activation(use_onednn):
-  """The recomputed ImageNet stem must survive compilation: in a model whose stem dominates,
-  the memory-efficient train step needs much less memory. With XLA's convolutions 0.57x here,
-  0.94x with the stem stored (as the standard mode stores it); with oneDNN's, 0.75x, and 0.93x
-  with the stem stored."""
+  """The recomputed ImageNet stem must survive compilation
+  (docs/design.md#the-memory-efficient-mode): in a model whose stem dominates, the memory-efficient train step needs much less memory, with
+  XLA's convolutions and with oneDNN's; storing the stem, as the standard mode does, would leave
+  the two nearly equal."""
   onednn.set_enabled(use_onednn)
   if use_onednn and not onednn.available():
     pytest.skip('no oneDNN here')

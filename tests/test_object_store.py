@@ -49,6 +49,7 @@ def resume_after_kill(workdir, killed_at, tmp_path, local_run, local_log):
   assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket):
   """The same run on a local disk and on gs://, side by side; the gs:// one is stopped after
   its first checkpoint and killed with -9, and rerun, and ends exactly as the local run. A

@@ -113,6 +113,7 @@ def test_cpu_slots_are_core_groups():
   assert record['platform'] == 'cpu' and record['cores'] == [0, 1]
 
 
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(sweep_file, tmp_path):
   cases = [(('cpu', range(2), 0, None), '--parallel=0: must be at least 1'),
            (('cpu', range(2), 2, 0), '--devices_per_point=0: must be at least 1'),
@@ -229,6 +230,7 @@ def _records(path, sweep_pid):
   return [r for pid, r in by_pid.items() if pid != sweep_pid]
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_two_points_train_at_once_each_on_its_own_core(sweep_file, tmp_path):
   workdir, record = tmp_path / 'sweep', tmp_path / 'record.jsonl'
@@ -263,6 +265,7 @@ def test_two_points_train_at_once_each_on_its_own_core(sweep_file, tmp_path):
   assert 'Point 2/2' in out and 'ETA' in out and '[cpu cores ' in out
 
 
+@pytest.mark.slow
 @needs_two_cores
 def test_sigterm_stops_both_points_with_checkpoints_and_rerun_finishes(sweep_file, tmp_path):
   steps = 1000

@@ -79,6 +79,7 @@ def writing(workdir):
   return os.path.isdir(directory) and any('tmp' in s for s in os.listdir(directory))
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
   """Three kill -9s: two at random moments of training (a random step, then a random delay of
   up to 0.3 s; fixed seed) and one in the middle of a checkpoint write. Every restart resumes
@@ -115,6 +116,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
   assert_same_run(reference, workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path, uninterrupted):
   reference, _ = uninterrupted
   workdir = str(tmp_path / 'run')
@@ -138,6 +140,7 @@ def test_sigterm_saves_and_resumes(tmp_path, uninterrupted):
   assert earlier['started'] <= finished['provenance']['started']
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted):
   """A latest checkpoint with a truncated data file is moved aside with a warning; the run
   continues from the previous one and still ends exactly as the uninterrupted run."""
@@ -166,6 +169,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted):
     (ValueError('checksum mismatch'), r'No checkpoint .* can be restored \(8: ValueError: '
                                       r'checksum mismatch; 4: .*Nothing was moved'),
 ])
+@pytest.mark.slow
 def test_unreadable_checkpoints_are_never_moved_on_a_guess(tmp_path, monkeypatch, error, match):
   """A transient I/O error, or a failure of every checkpoint (which says more about the
   storage than the checkpoints), stops the run loudly; nothing is moved aside."""
@@ -183,6 +187,7 @@ def test_unreadable_checkpoints_are_never_moved_on_a_guess(tmp_path, monkeypatch
   assert steps_in(str(tmp_path)) == [4, 8] and not os.path.exists(tmp_path / 'checkpoints_corrupt')
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # The learning rate jumps to 1e29 after 9 steps (0.3 of the 30 steps): the run diverges.
   config = tiny_config(num_train_steps=30, lr_decay_at=(0.3,), lr_decay_factor=1e30,
@@ -195,6 +200,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_is_refused(tmp_path):
   trainer.train_and_evaluate(tiny_config(num_train_steps=4), str(tmp_path))
   with pytest.raises(ConfigError, match=r'model.growth_rate: checkpoint 4, config 6.*new '
@@ -254,6 +260,7 @@ def test_bad_input_is_reported_before_compilation(tmp_path, overrides, error, ma
   assert time.perf_counter() - start_time < 10
 
 
+@pytest.mark.slow
 def test_resume_with_other_classes_is_refused(tmp_path):
   from test_input_pipeline import make_folder  # pylint: disable=g-import-not-at-top
   root = make_folder(tmp_path / 'images', {'train': {'cat': 20, 'dog': 20}, 'test': {'cat': 4}})

@@ -145,6 +145,7 @@ def random_variables(model, x, seed=0):
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+@pytest.mark.slow
 def test_scanned_blocks_equal_unrolled(kind='basic'):
   """Same variables (stacked), same logits, batch statistics and gradients, in train and eval
   mode. One kind of block is enough: the scan is the stage's, the same for every block."""
@@ -198,6 +199,7 @@ def _convolutions_in_train_program(depth, scan_blocks):
   return convolutions
 
 
+@pytest.mark.slow
 def test_scanned_program_does_not_grow_with_depth():
   """Why preact_resnet1001 compiles about as fast as preact_resnet164: the train step holds as
   many convolutions for 6 blocks per stage as for 3; unrolled, twice as many."""
@@ -233,6 +235,7 @@ def test_configs_build_their_model(config_file, name):
     assert trainer.build_model(noaug, 100).num_classes == 100
 
 
+@pytest.mark.slow
 def test_cifar_resnet_trains_checkpoints_and_evaluates(tmp_path):
   """resnet_cifar L=20 (3 blocks a stage: two scanned) through the trainer on the digits."""
   workdir = str(tmp_path / 'run')
@@ -269,6 +272,7 @@ def _randomized_torch(name, seed):
   return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, source', [('resnet18', 'pth'), ('resnet50', 'safetensors')])
 def test_torchvision_logits_match(name, source, tmp_path):
   model = _randomized_torch(name, 0)

@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from densenet_jax.experiments import feature_reuse
 from densenet_jax.runtime import paths
@@ -30,6 +31,7 @@ def committed(workdir):
   return staged_checkpoints.committed_steps(f'{workdir}/checkpoints')
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
   """The same run on a local disk and on s3://; the s3:// one is killed with -9 after its
   first committed upload, rerun, and ends exactly as the local run."""
@@ -56,6 +58,7 @@ def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
   assert '.lock' not in names
 
 
+@pytest.mark.slow
 def test_an_uncommitted_step_is_never_restored(s3_bucket, caplog):
   """A step whose upload was cut short (no commit file) is ignored: the next run resumes from
   the committed one before it, saves the step again and ends as the first run did."""

@@ -18,6 +18,8 @@ from densenet_jax.native import onednn
 from densenet_jax.native import shards
 from densenet_jax.training import train_lib
 
+pytestmark = pytest.mark.slow   # every test here starts processes or compiles whole models
+
 BATCH, DEVICES = 40, 8   # 5 images per device: no kernel dimension is 5 or 40.
 
 

@@ -22,6 +22,7 @@ def summary(*args):
      '| stem_conv | (1, 32, 32, 48) |'),
     (['--model=preact_resnet_cifar', '--depth=164'], '1,703,258', None),
 ])
+@pytest.mark.slow
 def test_summary_prints_every_stage(args, total, first_row):
   result = summary(*args)
   assert result.returncode == 0, result.stderr[-3000:]

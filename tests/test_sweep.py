@@ -111,6 +111,7 @@ def test_ablation_configs_declare_their_studies():
         'DenseNet-BC', 'pre-activation ResNet'}
 
 
+@pytest.mark.slow
 def test_invalid_points_are_refused_before_anything_runs(sweep_file, tmp_path):
   for arg, match in (('invalid', r'Point 2 of 2 \(depth=11\): config.model: depth=11 does '
                                  'not fit DenseNet-BC'),
@@ -126,6 +127,7 @@ def test_invalid_points_are_refused_before_anything_runs(sweep_file, tmp_path):
   assert not os.path.exists(tmp_path / 'cli')
 
 
+@pytest.mark.slow
 def test_sweep_runs_reruns_and_reports_failures(sweep_file, tmp_path):
   workdir = tmp_path / 'sweep'
   first = run_sweep(f'{sweep_file}:diverging', workdir)
@@ -183,6 +185,7 @@ def test_sweep_runs_reruns_and_reports_failures(sweep_file, tmp_path):
     assert (after == before) == (name != failed_name), name
 
 
+@pytest.mark.slow
 def test_print_and_submitit_launchers_run_a_point(sweep_file, tmp_path):
   config = plan.apply_overrides(plan.load_config(sweep_file), {'num_train_steps': 6})
   built = plan.build_sweep(sweep_file, config, str(tmp_path / 'sub'), {'num_train_steps': 6},

@@ -61,6 +61,7 @@ def no_local_gs_folder():
   return not any(os.path.exists(os.path.join(d, 'gs:')) for d in (ROOT, os.getcwd()))
 
 
+@pytest.mark.slow
 def test_print_launcher_hands_points_their_gs_workdirs(sweep_file):
   result = run_sweep(sweep_file, 'gs://densenet-test/printed', '--launcher=print')
   assert result.returncode == 0, result.stdout[-3000:]
@@ -100,6 +101,7 @@ def test_point_log_is_uploaded_while_running_and_keeps_every_session(bucket, mon
   assert no_local_gs_folder()
 
 
+@pytest.mark.slow
 def test_submitit_point_on_gs_uploads_its_log(bucket, monkeypatch, tmp_path):
   """submitit's local executor runs the job array's task; its folder stays local."""
   monkeypatch.chdir(tmp_path)
@@ -114,6 +116,7 @@ def test_submitit_point_on_gs_uploads_its_log(bucket, monkeypatch, tmp_path):
   assert no_local_gs_folder()
 
 
+@pytest.mark.slow
 def test_sweep_on_gs_runs_reruns_and_reports(sweep_file, bucket):
   workdir = f'{bucket}/sweep1'
   remote = paths.resolve(workdir)

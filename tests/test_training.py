@@ -21,7 +21,7 @@ from densenet_jax.training import optimization
 from densenet_jax.training import train_lib
 from densenet_jax.training import trainer
 from densenet_jax.training.validation import ConfigError
-import xla_flags
+from tests import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,6 +82,7 @@ def results(workdir):
   return paths.read_json(os.path.join(workdir, 'results.json'))  # Local or gs://.
 
 
+@pytest.mark.slow
 def test_train_checkpoint_evaluate_in_process(tmp_path):
   """Trains on 8 devices, writes checkpoints, TensorBoard events and results.json."""
   workdir = str(tmp_path / 'run')
@@ -100,6 +101,7 @@ def test_train_checkpoint_evaluate_in_process(tmp_path):
   assert again['eval_top1'] == out['eval_top1'] and again['eval_loss'] == out['eval_loss']
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_train_the_same(tmp_path):
   """The same steps on a 1-device and an 8-device mesh give the same parameters: BatchNorm
   statistics and gradients are those of the global batch either way."""
@@ -126,10 +128,12 @@ def test_one_and_eight_devices_train_the_same(tmp_path):
                (one.params, one.batch_stats), (eight.params, eight.batch_stats))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('use_onednn', [False, True], ids=['xla', 'onednn'])
 def test_cpu_steps_leave_convolutions_to_eigen(use_onednn):
   """On CPU the compiled steps keep dot products in YNNPACK fusions but no convolution: XLA's
-  YNNPACK convolution runs on one core (see train_lib._CPU_COMPILER_OPTIONS). With XLA's
+  YNNPACK convolution runs on one core (docs/design.md#cpu-compiler-options, set in
+  train_lib._CPU_COMPILER_OPTIONS). With XLA's
   defaults, this model's 3x3 convolutions (12 maps or more) would go to YNNPACK. With oneDNN's
   convolutions (densenet_jax/native) the program has no XLA convolution left at all."""
   onednn.set_enabled(use_onednn)
@@ -187,6 +191,7 @@ def test_config_errors_before_compilation(tmp_path, overrides, match):
   assert time.perf_counter() - start < 10  # Nothing was compiled.
 
 
+@pytest.mark.slow
 def test_quickstart_model_learns(tmp_path):
   """A quarter of the quickstart (5 of its 20 epochs): the loss falls and the digits are
   recognised far above chance (10 classes: 0.1)."""
@@ -207,6 +212,7 @@ def test_quickstart_model_learns(tmp_path):
   assert results(workdir)['eval_top1'] > 0.8, results(workdir)
 
 
+@pytest.mark.slow
 def test_squeeze_excitation_from_the_command_line(tmp_path):
   """docs/extending.md's command: a config field adds the unit, and the log names each block's
   path (scanned blocks of that layer take the generic path)."""
@@ -220,6 +226,7 @@ def test_squeeze_excitation_from_the_command_line(tmp_path):
   assert 'se_reduce' in load_params(workdir, 4)['block1']['layer1']
 
 
+@pytest.mark.slow
 def test_unknown_config_flag_is_one_line(tmp_path):
   out, _ = train_py(str(tmp_path / 'run'), '--config.model.growth_rte=6').communicate(timeout=300)
   assert 'Traceback' not in out, out[-3000:]
