@@ -1,6 +1,8 @@
 """Test-wide settings: 8 host CPU devices and fast compiles (set before JAX starts), exact float32
 matmuls and one compilation cache per run."""
 
+import fcntl
+import json
 import os
 import shutil
 import tempfile
@@ -93,3 +95,25 @@ def s3_bucket(tmp_path_factory):
   emulator = s3_emulator.Emulator(str(tmp_path_factory.mktemp('s3') / 'emulator.log'))
   yield f's3://{s3_emulator.BUCKET}'
   emulator.stop()
+
+
+@pytest.fixture(scope='session')
+def computed_once(tmp_path_factory):
+  """`computed_once(name, compute)`: compute(directory) -> a JSON value, computed by one process
+  of the run and read by the others. pytest-xdist deals the tests one by one, so the tests of a
+  file that share a reference run (a module fixture that trains one) may land on both workers:
+  this trains it once, the other worker waiting for it instead of training its own."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):   # <base>/popen-gwN: the workers share <base>
+    root = root.parent
+
+  def get(name, compute):
+    result = root / f'{name}.json'
+    with open(root / f'{name}.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also on a failure
+      if not result.exists():
+        directory = root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        result.write_text(json.dumps(compute(str(directory))))
+      return json.loads(result.read_text())
+  return get

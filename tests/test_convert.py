@@ -16,10 +16,6 @@ from densenet_jax.training import trainer
 from test_input_pipeline import write_mock_metadata
 from test_training import tiny_config
 
-# One worker runs the whole file (`--dist loadgroup`): its module fixture
-# saves torchvision weights,
-# once for the file.
-pytestmark = pytest.mark.xdist_group('test_convert')
 
 torch = pytest.importorskip('torch', reason='torch is a test-only requirement (CPU is enough)')
 torchvision = pytest.importorskip('torchvision', reason='torchvision is a test-only requirement')

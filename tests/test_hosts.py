@@ -16,10 +16,6 @@ import pytest
 from test_training import load_params, results, run_to_end, train_py
 import xla_flags
 
-# One worker runs the whole file (`--dist loadgroup`): its module fixture
-# runs the two-process training,
-# once for the file.
-pytestmark = pytest.mark.xdist_group('test_hosts')
 
 
 def _free_port():
@@ -51,10 +47,13 @@ TWO_PROCESS_STEPS = ['--config.num_train_steps=24']
 
 
 @pytest.fixture(scope='module')
-def two_process_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('two') / 'multi')
-  outs = [run_to_end(p) for p in two_processes(workdir, *TWO_PROCESS_STEPS)]
-  return workdir, outs
+def two_process_run(computed_once):
+  """(workdir, outputs of the two processes) of one uninterrupted two-process run, trained once
+  for all the tests here."""
+  def train(directory):
+    workdir = os.path.join(directory, 'multi')
+    return workdir, [run_to_end(p) for p in two_processes(workdir, *TWO_PROCESS_STEPS)]
+  return tuple(computed_once('two_process_run', train))
 
 
 @pytest.mark.slow

@@ -29,10 +29,6 @@ from test_training import results
 from test_training import tiny_config
 from test_training import train_py
 
-# One worker runs the whole file (`--dist loadgroup`): its module fixture
-# trains the uninterrupted reference run,
-# once for the file.
-pytestmark = pytest.mark.xdist_group('test_reliability')
 
 STEPS = 40
 # 40 steps with a checkpoint every 2 keeps the process busy writing checkpoints, so that kills
@@ -61,11 +57,14 @@ def assert_same_run(a, b):
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp('uninterrupted') / 'run')
-  begin = time.time()
-  finish(workdir)
-  return workdir, time.time() - begin
+def uninterrupted(computed_once):
+  """(workdir, seconds it took) of the uninterrupted reference run, trained once for the run."""
+  def train(directory):
+    workdir = os.path.join(directory, 'run')
+    begin = time.time()
+    finish(workdir)
+    return workdir, time.time() - begin
+  return tuple(computed_once('uninterrupted', train))
 
 
 def steps_in(workdir):
