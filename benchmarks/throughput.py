@@ -27,9 +27,9 @@ as XLA does), and bfloat16 rows get torchvision under `torch.autocast(bfloat16)`
 frameworks keep their defaults for float32 convolutions, which on NVIDIA GPUs since Ampere is
 TF32 (JAX's default precision, torch's `cudnn.allow_tf32`); the JSON records both settings.
 
-The script restarts itself with glibc's transparent-huge-page tunable (densenet_jax/runtime/hugepages.py),
-as train.py does; every worker, torchvision's included, inherits it. DENSENET_JAX_HUGEPAGES=0
-measures both without it.
+The script restarts itself with glibc's transparent-huge-page tunable
+(densenet_jax/runtime/hugepages.py), as train.py does; every worker, torchvision's included,
+inherits it. DENSENET_JAX_HUGEPAGES=0 measures both without it.
 """
 
 import json

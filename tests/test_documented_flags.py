@@ -119,7 +119,8 @@ DOCUMENTED = list(_documented())
 def test_the_documents_show_commands():
   """The reader finds at least the main commands (the scan itself works)."""
   programs = {str(path.relative_to(ROOT)) for _, _, (path, _) in DOCUMENTED}
-  assert {'train.py', 'densenet_jax/experiments/sweep.py', 'densenet_jax/tools/summary.py'} <= programs, programs
+  assert {'train.py', 'densenet_jax/experiments/sweep.py',
+          'densenet_jax/tools/summary.py'} <= programs, programs
 
 
 @pytest.mark.parametrize('document, command, program', DOCUMENTED,

@@ -1,4 +1,5 @@
-"""train.py's restart under glibc's transparent-huge-page tunable (densenet_jax/runtime/hugepages.py)."""
+"""train.py's restart under glibc's transparent-huge-page tunable
+(densenet_jax/runtime/hugepages.py)."""
 
 import json
 import os

@@ -1,5 +1,5 @@
-"""What densenet_jax/runtime/jax_internals.py reaches inside JAX and Flax is still there and still does
-what the package relies on: these fail, naming what moved, when a JAX or Flax upgrade moves it
+"""What densenet_jax/runtime/jax_internals.py reaches inside JAX and Flax is still there and still
+does what the package relies on: these fail, naming what moved, when a JAX or Flax upgrade moves it
 (the multi-host tests exercise the coordination client itself)."""
 
 import flax.linen as nn

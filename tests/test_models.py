@@ -328,9 +328,9 @@ def test_memory_efficient_halves_compiled_train_memory():
 @pytest.mark.parametrize('use_onednn', [False, True], ids=['xla', 'onednn'])
 def test_memory_efficient_stem_keeps_no_activation(use_onednn):
   """The recomputed ImageNet stem must survive compilation
-  (docs/design.md#the-memory-efficient-mode): in a model whose stem dominates, the memory-efficient train step needs much less memory, with
-  XLA's convolutions and with oneDNN's; storing the stem, as the standard mode does, would leave
-  the two nearly equal."""
+  (docs/design.md#the-memory-efficient-mode): in a model whose stem dominates, the memory-efficient
+  train step needs much less memory, with XLA's convolutions and with oneDNN's; storing the stem, as
+  the standard mode does, would leave the two nearly equal."""
   onednn.set_enabled(use_onednn)
   if use_onednn and not onednn.available():
     pytest.skip('no oneDNN here')

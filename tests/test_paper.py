@@ -1,5 +1,5 @@
-"""The published numbers (densenet_jax/experiments/paper.py): lookups by a run's config, and Table 2's
-parameter counts against the models we build."""
+"""The published numbers (densenet_jax/experiments/paper.py): lookups by a run's config, and
+Table 2's parameter counts against the models we build."""
 
 import importlib
 

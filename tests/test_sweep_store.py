@@ -162,13 +162,13 @@ def test_sweep_on_gs_runs_reruns_and_reports(sweep_file, bucket):
     (remote / name).unlink()
   env = dict(os.environ, PYTHONPATH=ROOT)
   result = subprocess.run(
-      [sys.executable, '-m', 'densenet_jax.experiments.report', f'--workdir={workdir}'], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+      [sys.executable, '-m', 'densenet_jax.experiments.report', f'--workdir={workdir}'], cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-3000:]
   assert f'Report uploaded to {workdir}' in result.stdout
   assert {'report.md', 'results.csv', 'curves.png'} <= {p.name for p in remote.iterdir()}
   missing = subprocess.run(
-      [sys.executable, '-m', 'densenet_jax.experiments.report', f'--workdir={bucket}/nothing'], cwd=ROOT,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+      [sys.executable, '-m', 'densenet_jax.experiments.report', f'--workdir={bucket}/nothing'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert missing.returncode != 0 and 'no such directory' in missing.stdout
   assert no_local_gs_folder()

@@ -16,12 +16,12 @@ Writes, from what the runs themselves wrote (results.json, progress.json, Tensor
     data resolve it (densenet_jax/experiments/statistics.py);
   * DIR/report.md: the tables, the effects, what produced the runs and a warning naming the runs
     produced by different code, library versions or hardware;
-  * the figures of densenet_jax/experiments/figures.py: test error against parameters and GMACs with 95 %
-    intervals as error bars (the paper's Figures 3 and 4), training curves as the mean over
+  * the figures of densenet_jax/experiments/figures.py: test error against parameters and GMACs with
+    95 % intervals as error bars (the paper's Figures 3 and 4), training curves as the mean over
     seeds with a band, the heat map of a two-field grid, feature reuse (Figure 5).
-`python -m densenet_jax.experiments.sweep` runs it at the end of a sweep; it may also run at any time on a
-running sweep, where running points show their latest evaluation and are marked as running. It
-writes only these files at the top of DIR, never into a run's workdir. A folder with no
+`python -m densenet_jax.experiments.sweep` runs it at the end of a sweep; it may also run at any
+time on a running sweep, where running points show their latest evaluation and are marked as
+running. It writes only these files at the top of DIR, never into a run's workdir. A folder with no
 sweep.json reports every run directory in it.
 """
 

@@ -7,10 +7,10 @@
     python -m densenet_jax.experiments.sweep --config=... --workdir=DIR --parallel=4   # 4 at once here
 
 A sweep config file has `get_config(arg=None)` and `get_sweep(arg=None)`, the latter a list of
-points, each a dict from a dotted config field to a value (see densenet_jax/experiments/hyper.py). Point
-`p` runs `train.py` with the config file, `--config.FIELD=VALUE` for each of its fields, and
-its own workdir DIR/<name>, the name made of the swept values ('growth_rate=12,compression=0.5').
-So every point resumes, writes results.json and TensorBoard events, like any run. `--config.X=Y`
+points, each a dict from a dotted config field to a value (see densenet_jax/experiments/hyper.py).
+Point `p` runs `train.py` with the config file, `--config.FIELD=VALUE` for each of its fields, and
+its own workdir DIR/<name>, the name made of the swept values ('growth_rate=12,compression=0.5'). So
+every point resumes, writes results.json and TensorBoard events, like any run. `--config.X=Y`
 flags given to the sweep apply to every point. `--seeds=N` runs every configuration N times,
 with seeds config.seed + 0 .. N-1 ('growth_rate=12,compression=0.5,seed=1'), and the report
 gives each configuration's mean and 95 % interval over its seeds.
@@ -133,8 +133,9 @@ def _parallel_slots() -> List[parallel.Slot]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _LAUNCHER.value == 'slurm' and _slurm_problem():
-    sys.exit(f'Sweep flag error: --launcher=slurm: {_slurm_problem()}.')
+  problem = _slurm_problem() if _LAUNCHER.value == 'slurm' else ''
+  if problem:
+    sys.exit(f'Sweep flag error: --launcher=slurm: {problem}.')
   config_flag = flags.FLAGS['config']
   config_arg = config_flags.get_config_filename(config_flag)
   common = config_flags.get_override_values(config_flag)

@@ -45,7 +45,8 @@ def initialize(coordinator_address: Optional[str], num_processes: Optional[int],
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   heartbeat = int(timeouts.heartbeat_timeout_seconds)
   # JAX's own heartbeat is the backstop: it aborts with a stack trace, where the watchdog of
-  # densenet_jax.runtime.coordination, which fires first, stops with one line naming the lost process.
+  # densenet_jax.runtime.coordination, which fires first, stops with one line naming the lost
+  # process.
   settings = dict(initialization_timeout=int(timeouts.initialization_timeout_seconds),
                   heartbeat_timeout_seconds=2 * heartbeat + 10,
                   shutdown_timeout_seconds=int(timeouts.shutdown_timeout_seconds))

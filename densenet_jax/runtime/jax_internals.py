@@ -25,7 +25,8 @@ def _distributed_state():
     return importlib.import_module('jax._src.distributed').global_state
   except (ImportError, AttributeError) as e:
     raise RuntimeError(f'jax {jax.__version__} has no jax._src.distributed.global_state, which '
-                       'densenet_jax/runtime/jax_internals.py reads: update it for this version') from e
+                       'densenet_jax/runtime/jax_internals.py reads: update it for this '
+                       'version') from e
 
 
 def coordination_client():

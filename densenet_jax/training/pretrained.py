@@ -29,7 +29,8 @@ def read_init_checkpoint(directory: str) -> Dict[str, Any]:
   if not path.is_dir():
     raise validation.ConfigError(
         f'config.init_checkpoint={directory!r}: expected a directory written by '
-        f'`python -m densenet_jax.tools.convert` (with a variables/ subdirectory); {path} is missing.')
+        f'`python -m densenet_jax.tools.convert` (with a variables/ subdirectory); {path} is '
+        'missing.')
   if checkpointing.orbax_writes_directly(directory):
     return jax.device_get(ocp.StandardCheckpointer().restore(path))
   with tempfile.TemporaryDirectory() as local:  # s3://: Orbax reads a local copy.
