@@ -62,7 +62,9 @@ def loss_and_grads(model, variables, x, dropout_key=None):
 
 def assert_trains_as(other, standard, x, dropout_key=None, atol=1e-5):
   """`other` has `standard`'s variables, and computes its logits, gradients and BatchNorm
-  updates in training and its logits in evaluation (to `atol`: float32 rounding by default)."""
+  updates in training and its logits in evaluation (to `atol`: float32 rounding by default).
+  Returns the text of `other`'s training program, for checks of what it calls (jit's cache
+  gives it without tracing the model again)."""
   variables, (logits_s, upd_s, grads_s), infer_s = standard_results(standard, x, dropout_key)
   # Same variable tree, same initial values: checkpoints move freely between implementations.
   # (test_models.py::test_initialisation checks that they also start from the same values.)
@@ -83,6 +85,7 @@ def assert_trains_as(other, standard, x, dropout_key=None, atol=1e-5):
   jax.tree.map(lambda a, b: close(a, b, 1e-5 * scale), grads_o, grads_s)
   jax.tree.map(close, upd_o, upd_s)
   np.testing.assert_allclose(infer(other, variables, x), infer_s, atol=atol)
+  return loss_and_grads.lower(other, variables, x, dropout_key).as_text()
 
 
 _STANDARD = {}

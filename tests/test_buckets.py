@@ -17,7 +17,6 @@ import gcs_emulator
 from test_object_store import committed_steps
 from test_reliability import assert_same_run
 from test_reliability import LONG
-from test_reliability import start
 from test_training import train_py
 
 LEASE_SECONDS = 6  # The lease for the SIGSTOP test: seconds, not the default minute.
@@ -115,12 +114,11 @@ def _holder_pid(workdir):
 
 
 @pytest.mark.slow
-def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket):
+def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket, uninterrupted):
   """Run 1 is frozen (SIGSTOP) past its lease, run 2 takes the workdir over and is frozen in
   turn; run 1 thawed must exit (75) with one line, writing nothing; run 2 thawed ends as an
   uninterrupted run."""
-  reference, workdir = str(tmp_path / 'local'), f'{bucket}/thawed'
-  local_run, local_log = start(reference)
+  reference, workdir = uninterrupted, f'{bucket}/thawed'
   env = {'DENSENET_JAX_LEASE_SECONDS': str(LEASE_SECONDS)}
   logs = [open(tmp_path / f'run{i}.log', 'w') for i in (1, 2)]
   # Checkpoints far apart, so that run 1 is frozen between saves, not inside one.
@@ -148,7 +146,6 @@ def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket):
   second.send_signal(signal.SIGCONT)
   assert second.wait(timeout=600) == 0, open(logs[1].name).read()[-5000:]
   assert 'Took over the stale lease' in open(logs[1].name).read()
-  assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
   assert_same_run(reference, workdir)
 
 

@@ -65,7 +65,9 @@ def torch_densenet121(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['densenet121', 'densenet161', 'densenet169', 'densenet201'])
+# torchvision's four DenseNets differ in block sizes (which the converter's shape checks cover:
+# test_conversion_errors), and densenet161 also in growth rate and stem width.
+@pytest.mark.parametrize('name', ['densenet121', 'densenet161'])
 def test_torchvision_logits_match(name, tmp_path, torch_densenet121):
   if name == 'densenet121':
     model, path = torch_densenet121
@@ -141,7 +143,8 @@ def test_conversion_errors(tmp_path, torch_densenet121):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['densenet121', 'densenet169', 'densenet201'])
+# Each of Keras's two files: the whole model (.keras) and its weights alone (.weights.h5).
+@pytest.mark.parametrize('name', ['densenet121', 'densenet201'])
 def test_keras_logits_match(name, tmp_path):
   keras = pytest.importorskip('keras')
   net = getattr(keras.applications, convert.KERAS_MODELS[name])(

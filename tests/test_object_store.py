@@ -38,25 +38,23 @@ def committed_steps(workdir):
           if (paths.resolve(workdir) / 'checkpoints' / str(s) / 'commit_success.txt').exists()]
 
 
-def resume_after_kill(workdir, killed_at, tmp_path, local_run, local_log):
+def resume_after_kill(workdir, killed_at, tmp_path):
   """Reruns a killed run on an object store: it takes the dead holder's lease over, resumes
-  from `killed_at` and finishes, as does the local run beside it."""
+  from `killed_at` and finishes."""
   resumed, log = start(workdir, log_path=str(tmp_path / 'resumed.log'))
   assert resumed.wait(timeout=600) == 0, open(log.name).read()[-5000:]
   text = open(log.name).read()
   assert f'Restored checkpoint of step {killed_at}' in text
   assert 'Took over the stale lease' in text
-  assert local_run.wait(timeout=600) == 0, open(local_log.name).read()[-5000:]
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket):
-  """The same run on a local disk and on gs://, side by side; the gs:// one is stopped after
-  its first checkpoint and killed with -9, and rerun, and ends exactly as the local run. A
-  second run started on its workdir while it holds it is refused."""
-  reference = str(tmp_path / 'local')
+def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket, uninterrupted):
+  """The run on gs:// is stopped after its first checkpoint and killed with -9, and rerun,
+  and ends exactly as the same run on a local disk. A second run started on its workdir while
+  it holds it is refused."""
+  reference = uninterrupted
   workdir = f'{bucket}/kill9'
-  local_run, local_log = start(reference)
   proc, log = start(workdir, log_path=str(tmp_path / 'gs.log'))
   while proc.poll() is None and not paths.resolve(f'{workdir}/.lock').exists():
     time.sleep(0.05)
@@ -74,7 +72,7 @@ def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket):
   proc.wait()
   killed_at = committed_steps(workdir)[-1]
   assert killed_at < STEPS
-  resume_after_kill(workdir, killed_at, tmp_path, local_run, local_log)
+  resume_after_kill(workdir, killed_at, tmp_path)
   assert_same_run(reference, workdir)
   jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
                feature_reuse.load_params(reference))

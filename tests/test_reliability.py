@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,17 +57,6 @@ def assert_same_run(a, b):
     assert ra[key] == rb[key], key
 
 
-@pytest.fixture(scope='module')
-def uninterrupted(computed_once):
-  """(workdir, seconds it took) of the uninterrupted reference run, trained once for the run."""
-  def train(directory):
-    workdir = os.path.join(directory, 'run')
-    begin = time.time()
-    finish(workdir)
-    return workdir, time.time() - begin
-  return tuple(computed_once('uninterrupted', train))
-
-
 def steps_in(workdir):
   directory = paths.resolve(workdir) / 'checkpoints'
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if (
@@ -83,7 +73,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
   """Three kill -9s: two at random moments of training (a random step, then a random delay of
   up to 0.3 s; fixed seed) and one in the middle of a checkpoint write. Every restart resumes
   from the last complete checkpoint, and the run ends exactly as the uninterrupted one."""
-  reference, _ = uninterrupted
+  reference = uninterrupted
   workdir = str(tmp_path / 'run')
   rng = random.Random(1234)
   first = rng.randrange(4, 14)
@@ -117,7 +107,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resumes(tmp_path, uninterrupted):
-  reference, _ = uninterrupted
+  reference = uninterrupted
   workdir = str(tmp_path / 'run')
   proc, log = start(workdir, '--config.checkpoint_every_steps=1000')
   # Wait for the first logged training metrics (step 4), then preempt.
@@ -143,9 +133,9 @@ def test_sigterm_saves_and_resumes(tmp_path, uninterrupted):
 def test_damaged_latest_checkpoint_falls_back(tmp_path, uninterrupted):
   """A latest checkpoint with a truncated data file is moved aside with a warning; the run
   continues from the previous one and still ends exactly as the uninterrupted run."""
-  reference, _ = uninterrupted
+  reference = uninterrupted
   workdir = str(tmp_path / 'run')
-  finish(workdir)
+  shutil.copytree(reference, workdir)   # The reference's own checkpoints, damaged in a copy.
   latest = steps_in(workdir)[-1]
   assert latest == STEPS
   state_dir = os.path.join(workdir, 'checkpoints', str(latest), 'state')

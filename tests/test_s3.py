@@ -32,12 +32,11 @@ def committed(workdir):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
-  """The same run on a local disk and on s3://; the s3:// one is killed with -9 after its
-  first committed upload, rerun, and ends exactly as the local run."""
-  reference = str(tmp_path / 'local')
+def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket, uninterrupted):
+  """The run on s3:// is killed with -9 after its first committed upload, rerun, and ends
+  exactly as the same run on a local disk."""
+  reference = uninterrupted
   workdir = f'{s3_bucket}/kill9'
-  local_run, local_log = start(reference)
   proc, log = start(workdir, log_path=str(tmp_path / 's3.log'))
   while proc.poll() is None and not committed(workdir):
     time.sleep(0.05)
@@ -45,7 +44,7 @@ def test_kill_9_then_resume_on_s3_matches_a_local_run(tmp_path, s3_bucket):
   proc.wait()
   killed_at = committed(workdir)[-1]
   assert killed_at < STEPS, open(log.name).read()[-5000:]
-  resume_after_kill(workdir, killed_at, tmp_path, local_run, local_log)
+  resume_after_kill(workdir, killed_at, tmp_path)
   assert not os.path.exists(staged_checkpoints.staging_dir(workdir))  # Removed at close.
   jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
                load_params(reference, STEPS))
