@@ -22,14 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from densenet_jax.runtime import buckets
-from densenet_jax.runtime import coordination
-from densenet_jax.runtime import distributed
-from densenet_jax.runtime import run_guard
-from densenet_jax.training import checkpointing
 from densenet_jax.training import cli
-from densenet_jax.training import trainer
-from densenet_jax.training import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -51,6 +44,10 @@ class _OnlyOrbaxWarnings(py_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # The flags and the config file are read while parsing, before these imports: a mistake in
+  # either is one line within a second or two, not after the seconds JAX and TensorFlow take.
+  from densenet_jax.runtime import coordination
+  from densenet_jax.runtime import distributed
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _CONFIG.value.distributed)
@@ -62,6 +59,12 @@ def main(argv):
 
 
 def _train():
+  from densenet_jax.runtime import buckets
+  from densenet_jax.runtime import coordination
+  from densenet_jax.runtime import run_guard
+  from densenet_jax.training import checkpointing
+  from densenet_jax.training import trainer
+  from densenet_jax.training import validation
   try:
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (validation.ConfigError, run_guard.WorkdirInUseError) as e:

@@ -11,6 +11,7 @@ import pytest
 from densenet_jax import models
 from densenet_jax.models import create_model
 from densenet_jax.native import onednn
+import xla_flags
 from model_checks import abstract_variables, assert_count_and_logits, count, infer, \
     loss_and_grads, lowered_train_gradient, tiny
 
@@ -289,7 +290,8 @@ def test_bfloat16_buffers_are_updated_in_place(memory_efficient):
   every update writes into its operand's own buffer. Guards docs/design.md#the-feature-buffer."""
   model = create_model('densenet_bc', depth=16, growth_rate=12, dtype=jnp.bfloat16,
                        memory_efficient=memory_efficient)
-  updates = _in_place_updates(lowered_train_gradient(model, (8, 16, 16, 3)).compile().as_text())
+  updates = _in_place_updates(lowered_train_gradient(model, (8, 16, 16, 3)).compile(
+      compiler_options=xla_flags.AS_RUN).as_text())
   assert len(updates) >= 4   # the buffer, its statistics and the stacked outputs, both passes
   assert not [u for u in updates if u[0] == 'bf16' or u[1] in ('convert', 'bitcast-convert')]
 
@@ -308,7 +310,8 @@ def test_memory_efficient_halves_compiled_train_memory():
   def temp_bytes(memory_efficient, scan_segments=0):   # unrolled unless told
     model = create_model('densenet_bc', depth=40, growth_rate=12,
                          memory_efficient=memory_efficient, scan_segments=scan_segments)
-    compiled = lowered_train_gradient(model, (32, 16, 16, 3)).compile()
+    compiled = lowered_train_gradient(model, (32, 16, 16, 3)).compile(
+        compiler_options=xla_flags.AS_RUN)
     return compiled.memory_analysis().temp_size_in_bytes
 
   standard = temp_bytes(False)
@@ -338,7 +341,8 @@ def test_memory_efficient_stem_keeps_no_activation(use_onednn):
   def temp_bytes(memory_efficient):
     model = create_model('densenet121', block_sizes=(2, 2), growth_rate=8, num_init_features=16,
                          num_classes=10, memory_efficient=memory_efficient)
-    compiled = lowered_train_gradient(model, (16, 64, 64, 3)).compile()
+    compiled = lowered_train_gradient(model, (16, 64, 64, 3)).compile(
+        compiler_options=xla_flags.AS_RUN)
     return compiled.memory_analysis().temp_size_in_bytes
 
   try:

@@ -1,6 +1,9 @@
-"""Sweeps end to end on scikit-learn's digits: points, reruns, failures, launchers, the report."""
+"""Sweeps on scikit-learn's digits: points, their checks, the launchers, what the report counts.
 
-import csv
+A whole sweep (a failing point, reruns, the tables and figures) runs in test_sweep_store.py, on
+gs://, and on a local disk with several points at once in test_parallel.py.
+"""
+
 import json
 import os
 import subprocess
@@ -125,64 +128,6 @@ def test_invalid_points_are_refused_before_anything_runs(sweep_file, tmp_path):
   assert result.returncode != 0
   assert 'Sweep config error: Point 2 of 2 (depth=11)' in result.stdout
   assert not os.path.exists(tmp_path / 'cli')
-
-
-@pytest.mark.slow
-def test_sweep_runs_reruns_and_reports_failures(sweep_file, tmp_path):
-  workdir = tmp_path / 'sweep'
-  first = run_sweep(f'{sweep_file}:diverging', workdir)
-  assert first.returncode != 0, first.stdout[-3000:]
-  failed_name = 'growth_rate=4,lr_decay_factor=1e+30'
-  assert (f'1 of 3 points failed: {failed_name}: Training stopped: Loss is' in first.stdout
-          ), first.stdout[-3000:]
-  assert 'Point 3/3' in first.stdout and 'ETA' in first.stdout
-  state = json.loads((workdir / 'sweep.json').read_text())
-  assert [p['state'] for p in state['points']] == ['done', 'done', 'failed']
-  assert state['points'][2]['overrides'] == {'model.growth_rate': 4, 'lr_decay_factor': 1e30}
-  assert 'Loss is' in state['points'][2]['error']
-
-  # The runs' table has a row per point, the swept fields, and the failure; with one seed the
-  # configurations' table has the same rows, and no spread.
-  with open(workdir / 'runs.csv') as f:
-    rows = list(csv.DictReader(f))
-  with open(workdir / 'results.csv') as f:
-    configurations = list(csv.DictReader(f))
-  assert [c['name'] for c in configurations] == [r['name'] for r in rows]
-  assert [c['seeds'] for c in configurations] == ['1', '1', '0']
-  assert configurations[0]['test_error_mean'] and not configurations[0]['test_error_ci95']
-  assert [r['name'] for r in rows] == [
-      'growth_rate=4,lr_decay_factor=0.1', 'growth_rate=6,lr_decay_factor=0.1', failed_name]
-  for column in ('model.growth_rate', 'lr_decay_factor', *report.FIXED_COLUMNS):
-    assert column in rows[0]
-  done = rows[:2]
-  assert all(r['status'] == 'done' and r['step'] == '12' for r in done)
-  assert int(done[0]['params']) < int(done[1]['params'])  # k=4 is smaller than k=6.
-  assert 0 < float(done[0]['gmacs']) < float(done[1]['gmacs'])
-  assert float(done[0]['train_seconds']) > 0 and float(done[0]['train_images_per_second']) > 0
-  assert float(done[0]['best_eval_top1']) >= float(done[0]['eval_top1']) > 0
-  assert rows[2]['status'].startswith('failed: Training stopped: Loss is nan')
-  # What produced each run, as a reviewer needs it.
-  produced = json.loads((workdir / rows[0]['name'] / 'results.json').read_text())['provenance']
-  for field in ('commit', 'dirty', 'versions', 'python', 'platform', 'device_kind',
-                'device_count', 'process_count', 'command', 'started', 'finished'):
-    assert field in produced, field
-  assert produced['versions']['jax'] and produced['device_count'] == 1
-  assert produced['command'][0].endswith('train.py') and produced['commit'] is not None
-  assert rows[0]['commit'] == produced['commit'][:10] + (
-      f'+{produced["diff_hash"]}' if produced['dirty'] else '')
-  for figure in ('error_vs_params.png', 'error_vs_gmacs.png', 'curves.png',
-                 'feature_reuse.png'):
-    assert (workdir / figure).stat().st_size > 1000, figure
-  assert '![curves.png](curves.png)' in (workdir / 'report.md').read_text()
-
-  # Rerun: finished points are skipped, the failed one runs again (and fails again).
-  logs = {r['name']: (workdir / r['name'] / 'train.log').read_text() for r in rows}
-  second = run_sweep(f'{sweep_file}:diverging', workdir, '--report=False')
-  assert second.returncode != 0
-  assert second.stdout.count('done already, skipped') == 2
-  for name, before in logs.items():
-    after = (workdir / name / 'train.log').read_text()
-    assert (after == before) == (name != failed_name), name
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 
 from densenet_jax.experiments import launchers
 from densenet_jax.experiments import plan
+from densenet_jax.experiments import report
 from densenet_jax.runtime import paths
 from densenet_jax.runtime import run_guard
 from densenet_jax.runtime import staging
@@ -63,19 +64,16 @@ def no_local_gs_folder():
 
 @pytest.mark.slow
 def test_print_launcher_hands_points_their_gs_workdirs(sweep_file):
-  result = run_sweep(sweep_file, 'gs://densenet-test/printed', '--launcher=print')
-  assert result.returncode == 0, result.stdout[-3000:]
-  for k in (4, 6):
-    assert f'--workdir=gs://densenet-test/printed/growth_rate={k} ' in result.stdout
-  assert 'gs:/densenet-test' not in result.stdout.replace('gs://', '')
-  assert no_local_gs_folder()
-  # --seeds: every configuration once per seed, as the README's study command runs it.
+  """Every configuration once per seed (--seeds), as the README's study command runs it, each
+  on its own gs:// workdir, written as such (not the 'gs:/' of a local path)."""
   result = run_sweep(sweep_file, 'gs://densenet-test/seeded', '--launcher=print', '--seeds=2')
   assert result.returncode == 0, result.stdout[-3000:]
   for k in (4, 6):
     for seed in (0, 1):
       assert (f'--workdir=gs://densenet-test/seeded/growth_rate={k},seed={seed} '
               f'--config.model.growth_rate={k} --config.seed={seed}') in result.stdout
+  assert 'gs:/densenet-test' not in result.stdout.replace('gs://', '')
+  assert no_local_gs_folder()
 
 
 def test_point_log_is_uploaded_while_running_and_keeps_every_session(bucket, monkeypatch):
@@ -118,45 +116,81 @@ def test_submitit_point_on_gs_uploads_its_log(bucket, monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_sweep_on_gs_runs_reruns_and_reports(sweep_file, bucket):
+  """A sweep of three points on gs://, two at a time (one core each), one of which diverges:
+  the failure is reported and tabled, the finished runs carry their provenance, every file is
+  in the bucket; a rerun skips the finished points and runs the failed one again; the report
+  command rebuilds the report."""
   workdir = f'{bucket}/sweep1'
   remote = paths.resolve(workdir)
   with run_guard.WorkdirLock(workdir):  # Another sweep holds the directory.
-    refused = run_sweep(sweep_file, workdir)
+    refused = run_sweep(f'{sweep_file}:diverging', workdir)
   assert refused.returncode != 0
   assert f'Sweep error: Workdir {workdir} is in use by another run (pid {os.getpid()}' in (
       refused.stdout), refused.stdout[-3000:]
 
-  # Both points at once (one core each): each uploads its own log.
-  first = run_sweep(sweep_file, workdir, '--parallel=2')
-  assert first.returncode == 0, first.stdout[-5000:]
-  names = ['growth_rate=4', 'growth_rate=6']
+  first = run_sweep(f'{sweep_file}:diverging', workdir, '--parallel=2')
+  assert first.returncode != 0, first.stdout[-5000:]
+  failed_name = 'growth_rate=4,lr_decay_factor=1e+30'
+  names = ['growth_rate=4,lr_decay_factor=0.1', 'growth_rate=6,lr_decay_factor=0.1', failed_name]
+  assert (f'1 of 3 points failed: {failed_name}: Training stopped: Loss is' in first.stdout
+          ), first.stdout[-3000:]
+  assert 'Point 3/3' in first.stdout and 'ETA' in first.stdout
   state = paths.read_json(f'{workdir}/sweep.json')
-  assert [(p['name'], p['state']) for p in state['points']] == [(n, 'done') for n in names]
-  for name in names:
+  assert [(p['name'], p['state']) for p in state['points']] == list(
+      zip(names, ['done', 'done', 'failed']))
+  assert state['points'][2]['overrides'] == {'model.growth_rate': 4, 'lr_decay_factor': 1e30}
+  assert 'Loss is' in state['points'][2]['error']
+  for name in names:   # Each point uploads its own log.
     run = {p.name for p in (remote / name).iterdir()}
-    assert {'results.json', 'progress.json', 'train.log', 'checkpoints'} <= run, run
+    assert {'results.json', 'progress.json', 'train.log', 'checkpoints'} <= run or (
+        name == failed_name and 'train.log' in run), run
     assert '$ ' in (remote / name / 'train.log').read_text()
   for figure in ('error_vs_params.png', 'error_vs_gmacs.png', 'curves.png',
                  'feature_reuse.png'):
     assert len((remote / figure).read_bytes()) > 1000, figure
+
+  # The runs' table has a row per point, the swept fields, and the failure; with one seed the
+  # configurations' table has the same rows, and no spread.
   rows = list(csv.DictReader(io.StringIO((remote / 'runs.csv').read_text())))
-  assert [r['name'] for r in rows] == names
   configurations = list(csv.DictReader(io.StringIO((remote / 'results.csv').read_text())))
-  assert [c['seeds'] for c in configurations] == ['1', '1']
+  assert [r['name'] for r in rows] == [c['name'] for c in configurations] == names
+  assert [c['seeds'] for c in configurations] == ['1', '1', '0']
+  assert configurations[0]['test_error_mean'] and not configurations[0]['test_error_ci95']
   assert (remote / 'effects.csv').exists()
+  for column in ('model.growth_rate', 'lr_decay_factor', *report.FIXED_COLUMNS):
+    assert column in rows[0]
+  done = rows[:2]
+  assert all(r['status'] == 'done' and r['step'] == '12' for r in done), rows
+  assert int(done[0]['params']) < int(done[1]['params'])  # k=4 is smaller than k=6.
+  assert 0 < float(done[0]['gmacs']) < float(done[1]['gmacs'])
+  assert float(done[0]['train_seconds']) > 0 and float(done[0]['train_images_per_second']) > 0
   # best_eval_top1 and the curves come from the event files, staged for the report.
-  assert all(r['status'] == 'done' and r['best_eval_top1'] for r in rows), rows
+  assert float(done[0]['best_eval_top1']) >= float(done[0]['eval_top1']) > 0
+  assert rows[2]['status'].startswith('failed: Training stopped: Loss is nan')
+  # What produced each run, as a reviewer needs it.
+  produced = paths.read_json(f'{workdir}/{names[0]}/results.json')['provenance']
+  for field in ('commit', 'dirty', 'versions', 'python', 'platform', 'device_kind',
+                'device_count', 'process_count', 'command', 'started', 'finished'):
+    assert field in produced, field
+  assert produced['versions']['jax'] and produced['device_count'] == 1
+  assert produced['command'][0].endswith('train.py') and produced['commit'] is not None
+  assert rows[0]['commit'] == produced['commit'][:10] + (
+      f'+{produced["diff_hash"]}' if produced['dirty'] else '')
   report_md = (remote / 'report.md').read_text()
   assert '![feature_reuse.png](feature_reuse.png)' in report_md
+  assert '![curves.png](curves.png)' in report_md
   assert 'densenet_jax_report_' not in report_md   # No staging path leaks into it.
   assert not (remote / '.lock').exists()
   assert no_local_gs_folder()
 
+  # Rerun: finished points are skipped, the failed one runs again (and fails again).
   logs = {n: (remote / n / 'train.log').read_text() for n in names}
-  second = run_sweep(sweep_file, workdir, '--report=False')
-  assert second.returncode == 0, second.stdout[-3000:]
+  second = run_sweep(f'{sweep_file}:diverging', workdir, '--report=False')
+  assert second.returncode != 0, second.stdout[-3000:]
   assert second.stdout.count('done already, skipped') == 2
-  assert logs == {n: (remote / n / 'train.log').read_text() for n in names}
+  for name, before in logs.items():
+    after = (remote / name / 'train.log').read_text()
+    assert (after == before) == (name != failed_name), name
 
   for name in ('report.md', 'results.csv', 'curves.png'):
     (remote / name).unlink()

@@ -151,7 +151,7 @@ def test_cpu_steps_leave_convolutions_to_eigen(use_onednn):
                                             shardings, mesh)
   try:
     for step in (p_train, p_eval):
-      hlo = step.lower(state, batch).compile().as_text()
+      hlo = step.lower(state, batch).compile(compiler_options=xla_flags.AS_RUN).as_text()
       library_bodies = set(re.findall(r'fusion\(.*kind=kCustom, calls=%([\w.-]+)', hlo))
       assert library_bodies, 'no YNNPACK fusion at all: the option may have been renamed'
       computations = {m.group(1): m.group(2) for m in

@@ -19,7 +19,6 @@ from ml_collections.config_flags import config_flags
 from densenet_jax.experiments import hyper
 from densenet_jax.runtime import paths
 from densenet_jax.training import records
-from densenet_jax.training import trainer
 from densenet_jax.training import validation
 
 # train.py of the checkout this package runs from (densenet_jax/experiments/plan.py -> root).
@@ -210,6 +209,9 @@ def build_sweep(config_arg: str, config, workdir: str, common: Dict[str, Any],
     raise SweepError(str(e)) from None
   points = [Point(i, name, overrides) for i, (name, overrides)
             in enumerate(zip(point_names(raw), raw))]
+  # Here, not at the top: the trainer loads TensorFlow (seconds), which the sweep's flag checks
+  # before this point, and the launchers, do not need.
+  from densenet_jax.training import trainer  # pylint: disable=g-import-not-at-top
   for point in points:
     label = f'Point {point.index + 1} of {len(points)} ({point.name})'
     try:
