@@ -13,6 +13,11 @@ import xla_flags  # pylint: disable=g-bad-import-order
 # Compiled with less LLVM optimisation, as every process the tests start (tests/xla_flags.py).
 os.environ.setdefault('XLA_FLAGS', xla_flags.with_devices(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# TensorFlow imports Keras's optimizers as it loads (to register them for SavedModel), which
+# loads Keras and scikit-learn: 3-5 s of every test process and of every train.py and sweep it
+# starts. Nothing here uses tf.keras (the Keras converter imports Keras 3 itself): pointing
+# tf.keras at tf_keras, which is not installed, makes TensorFlow skip that import.
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # torchvision segfaults when imported after TensorFlow (torch 2.14.1, TF 2.21.0, seen here), and
 # tensorflow_datasets imports TensorFlow: the converter tests need torch loaded first.

@@ -106,7 +106,8 @@ def test_submitit_point_on_gs_uploads_its_log(bucket, monkeypatch, tmp_path):
   monkeypatch.setenv('SESSION', '1')
   monkeypatch.setenv('PYTHONPATH', ROOT)
   fake = fake_sweep(f'{bucket}/submitted')
-  failed = launchers.run_slurm(fake, cluster='local', wait=True, timeout_min=5)
+  failed = launchers.run_slurm(fake, cluster='local', wait=True, timeout_min=5,
+                               log_upload_seconds=1.0)
   assert [p.error for p in failed] == ['Training stopped: boom']
   assert 'started' in paths.resolve(f'{bucket}/submitted/p/train.log').read_text().split()
   assert os.listdir(tmp_path / 'submitit') == [os.path.basename(

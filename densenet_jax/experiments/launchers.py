@@ -145,7 +145,7 @@ def run_local(sweep: plan.Sweep, poll_seconds: float) -> List[plan.Point]:
 
 
 def run_slurm(sweep: plan.Sweep, *, cluster: Optional[str] = 'slurm', wait: bool = True,
-              **parameters) -> List[plan.Point]:
+              log_upload_seconds: float = 30.0, **parameters) -> List[plan.Point]:
   """Submits the unfinished points as one job array through submitit.
 
   Args:
@@ -153,6 +153,7 @@ def run_slurm(sweep: plan.Sweep, *, cluster: Optional[str] = 'slurm', wait: bool
     cluster: submitit's cluster ('slurm'; 'local' runs the same jobs as local processes, which
       the tests use).
     wait: wait for every job and record its outcome.
+    log_upload_seconds: how often a running point on an object store uploads its log.
     **parameters: submitit executor parameters (slurm_partition, nodes, gpus_per_node, ...).
 
   Returns:
@@ -171,7 +172,8 @@ def run_slurm(sweep: plan.Sweep, *, cluster: Optional[str] = 'slurm', wait: bool
   executor.update_parameters(name=os.path.basename(sweep.workdir), **parameters)
   commands = [sweep.command(p) for p in todo]
   point_dirs = [sweep.point_workdir(p) for p in todo]  # Each task keeps its log there.
-  jobs = executor.map_array(_run_point_checked, commands, point_dirs)
+  jobs = executor.map_array(_run_point_checked, commands, point_dirs,
+                            [log_upload_seconds] * len(todo))
   for point, job in zip(todo, jobs):
     point.state, point.job_id, point.error = 'submitted', str(job.job_id), None
     logging.info('Point %d/%d %s: submitted as job %s.', point.index + 1, len(sweep.points),
@@ -191,7 +193,8 @@ def run_slurm(sweep: plan.Sweep, *, cluster: Optional[str] = 'slurm', wait: bool
   return [p for p in sweep.points if p.state == 'failed']
 
 
-def _run_point_checked(command: Sequence[str], point_dir: str) -> None:
+def _run_point_checked(command: Sequence[str], point_dir: str,
+                       log_upload_seconds: float = 30.0) -> None:
   """A job array task: one point's train.py (in every task of a multi-node job).
 
   The tasks of a multi-node point append to one local train.log on a shared file system; on
@@ -204,7 +207,7 @@ def _run_point_checked(command: Sequence[str], point_dir: str) -> None:
     name = staging.LOG if rank == 0 else f'train.task{rank}.log'
   log = staging.PointLog(point_dir, name)
   try:
-    returncode = _wait(start_point(command, log.local), log, 30.0)
+    returncode = _wait(start_point(command, log.local), log, log_upload_seconds)
     error = _last_line(log.local)
   finally:
     log.close()
