@@ -13,11 +13,6 @@ import xla_flags  # pylint: disable=g-bad-import-order
 # Compiled with less LLVM optimisation, as every process the tests start (tests/xla_flags.py).
 os.environ.setdefault('XLA_FLAGS', xla_flags.with_devices(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# TensorFlow imports Keras's optimizers as it loads (to register them for SavedModel), which
-# loads Keras and scikit-learn: 3-5 s of every test process and of every train.py and sweep it
-# starts. Nothing here uses tf.keras (the Keras converter imports Keras 3 itself): pointing
-# tf.keras at tf_keras, which is not installed, makes TensorFlow skip that import.
-os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 
 # torchvision segfaults when imported after TensorFlow (torch 2.14.1, TF 2.21.0, seen here), and
 # tensorflow_datasets imports TensorFlow: the converter tests need torch loaded first.
@@ -59,6 +54,13 @@ def pytest_unconfigure(config):
   cache = getattr(config, 'densenet_jax_cache', None)
   if cache:
     shutil.rmtree(cache, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(items):
+  """The `slow` tests first (otherwise in their files' order): the two workers then take the
+  long tests while there are many left to share, and finish on short ones together, instead of
+  one of them running the last long test alone."""
+  items.sort(key=lambda item: item.get_closest_marker('slow') is None)   # stable: files kept
 
 
 @pytest.fixture
