@@ -56,13 +56,6 @@ def pytest_unconfigure(config):
     shutil.rmtree(cache, ignore_errors=True)
 
 
-def pytest_collection_modifyitems(items):
-  """The `slow` tests first (otherwise in their files' order): the two workers then take the
-  long tests while there are many left to share, and finish on short ones together, instead of
-  one of them running the last long test alone."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)   # stable: files kept
-
-
 @pytest.fixture
 def on_one_device():
   """The test traces its steps under a mesh of the first device: with these 8 devices and no

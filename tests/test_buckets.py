@@ -9,8 +9,11 @@ import time
 from botocore import exceptions as s3_errors
 from google import auth
 from google.api_core import exceptions as gcs_errors
+import jax
+import numpy as np
 import pytest
 
+from densenet_jax.experiments import feature_reuse
 from densenet_jax.runtime import buckets
 from densenet_jax.runtime import paths
 import gcs_emulator
@@ -116,8 +119,9 @@ def _holder_pid(workdir):
 @pytest.mark.slow
 def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket, uninterrupted):
   """Run 1 is frozen (SIGSTOP) past its lease, run 2 takes the workdir over and is frozen in
-  turn; run 1 thawed must exit (75) with one line, writing nothing; run 2 thawed ends as an
-  uninterrupted run."""
+  turn; run 1 thawed must exit (75) with one line, writing nothing; run 2 thawed resumes from
+  run 1's checkpoint and ends exactly as the same run on a local disk, with its records in the
+  bucket and nothing on the machine. (A live holder's refusal: test_object_store.py.)"""
   reference, workdir = uninterrupted, f'{bucket}/thawed'
   env = {'DENSENET_JAX_LEASE_SECONDS': str(LEASE_SECONDS)}
   logs = [open(tmp_path / f'run{i}.log', 'w') for i in (1, 2)]
@@ -145,8 +149,17 @@ def test_a_thawed_holder_that_lost_its_lease_writes_nothing(tmp_path, bucket, un
   assert len(lost) == 1 and f'Lost the lease of {workdir} (another run took' in lost[0], lost
   second.send_signal(signal.SIGCONT)
   assert second.wait(timeout=600) == 0, open(logs[1].name).read()[-5000:]
-  assert 'Took over the stale lease' in open(logs[1].name).read()
+  text = open(logs[1].name).read()
+  assert 'Took over the stale lease' in text
+  assert f'Restored checkpoint of step {before[1][-1]}' in text
   assert_same_run(reference, workdir)
+  jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
+               feature_reuse.load_params(reference))
+  names = {p.name for p in paths.resolve(workdir).iterdir()}
+  assert {'checkpoints', 'results.json', 'progress.json'} <= names, names
+  assert any(n.startswith('events.out.tfevents.') for n in names), names
+  assert '.lock' not in names  # Released at the end.
+  assert not os.path.exists(os.path.join(gcs_emulator.ROOT, 'gs:'))  # Nothing went local.
 
 
 def test_s3_lease_refuses_a_live_holder_and_takes_over_a_stale_one(s3_bucket):

@@ -1,13 +1,10 @@
-"""gs:// workdirs against a local GCS emulator: train, kill -9, resume, the lease.
+"""gs:// workdirs against a local GCS emulator: the lease, datasets, weights and figures there.
 
-The quickstart run on a `gs://` workdir must end exactly as the same run on a local disk, with
-its checkpoints, results.json, progress.json and TensorBoard events in the bucket and nothing
-left on the machine; a second run on the workdir is refused with the local lock's message.
+A whole run on gs:// that is frozen, taken over and resumed, and ends exactly as the same run on
+a local disk, is test_buckets.py's; a run killed with -9 and resumed on s3:// is test_s3.py's.
 """
 
 import os
-import signal
-import socket
 import time
 
 import jax
@@ -15,18 +12,14 @@ import numpy as np
 import pytest
 
 from densenet_jax.data import input_pipeline
-from densenet_jax.experiments import feature_reuse
 from densenet_jax.runtime import leases
 from densenet_jax.runtime import paths
 from densenet_jax.runtime import run_guard
 from densenet_jax.tools import convert
 from densenet_jax.training import pretrained
 from densenet_jax.training import trainer
-import gcs_emulator
-from test_reliability import assert_same_run
 from test_reliability import start
 from test_reliability import steps_in
-from test_reliability import STEPS
 from test_training import tiny_config
 from densenet_jax.training.validation import ConfigError
 
@@ -38,49 +31,14 @@ def committed_steps(workdir):
           if (paths.resolve(workdir) / 'checkpoints' / str(s) / 'commit_success.txt').exists()]
 
 
-def resume_after_kill(workdir, killed_at, tmp_path):
-  """Reruns a killed run on an object store: it takes the dead holder's lease over, resumes
-  from `killed_at` and finishes."""
-  resumed, log = start(workdir, log_path=str(tmp_path / 'resumed.log'))
+def resume_after_kill(workdir, killed_at, tmp_path, *extra):
+  """Reruns a killed run on an object store (with the flags `extra`): it takes the dead
+  holder's lease over, resumes from `killed_at` and finishes."""
+  resumed, log = start(workdir, *extra, log_path=str(tmp_path / 'resumed.log'))
   assert resumed.wait(timeout=600) == 0, open(log.name).read()[-5000:]
   text = open(log.name).read()
   assert f'Restored checkpoint of step {killed_at}' in text
   assert 'Took over the stale lease' in text
-
-
-@pytest.mark.slow
-def test_kill_9_then_resume_on_gs_matches_a_local_run(tmp_path, bucket, uninterrupted):
-  """The run on gs:// is stopped after its first checkpoint and killed with -9, and rerun,
-  and ends exactly as the same run on a local disk. A second run started on its workdir while
-  it holds it is refused."""
-  reference = uninterrupted
-  workdir = f'{bucket}/kill9'
-  proc, log = start(workdir, log_path=str(tmp_path / 'gs.log'))
-  while proc.poll() is None and not paths.resolve(f'{workdir}/.lock').exists():
-    time.sleep(0.05)
-  second, second_log = start(workdir, log_path=str(tmp_path / 'second.log'))
-  while proc.poll() is None and not committed_steps(workdir):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGSTOP)  # Holds the lease and writes nothing until killed.
-  assert proc.poll() is None, open(log.name).read()[-5000:]
-  holder = f'pid {proc.pid} on {socket.gethostname()}'
-  assert paths.read_json(f'{workdir}/.lock')['holder'] == holder
-  assert second.wait(timeout=300) != 0
-  assert f'Workdir {workdir} is in use by another run ({holder})' in open(
-      second_log.name).read()
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = committed_steps(workdir)[-1]
-  assert killed_at < STEPS
-  resume_after_kill(workdir, killed_at, tmp_path)
-  assert_same_run(reference, workdir)
-  jax.tree.map(np.testing.assert_array_equal, feature_reuse.load_params(workdir),
-               feature_reuse.load_params(reference))
-  names = {p.name for p in paths.resolve(workdir).iterdir()}
-  assert {'checkpoints', 'results.json', 'progress.json'} <= names, names
-  assert any(n.startswith('events.out.tfevents.') for n in names), names
-  assert '.lock' not in names  # Released at the end.
-  assert not os.path.exists(os.path.join(gcs_emulator.ROOT, 'gs:'))  # Nothing went local.
 
 
 def test_lease_refuses_a_live_holder_and_takes_over_a_stale_one(bucket):
