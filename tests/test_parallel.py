@@ -209,6 +209,13 @@ def _train_children(parent):
   return found
 
 
+def _point_of(pid, names):
+  """The point (of `names`) whose train.py process `pid` is, from its --workdir flag."""
+  with open(f'/proc/{pid}/cmdline', 'rb') as f:
+    workdir = next(a for a in f.read().decode().split('\0') if a.startswith('--workdir='))
+  return next(n for n in names if workdir.endswith(f'/{n}'))
+
+
 def _start_sweep(config_arg, workdir, record, *extra):
   env = dict(os.environ, XLA_FLAGS=xla_flags.with_devices(1),
              PYTHONPATH=ROOT, PARALLEL_TEST_RECORD=str(record))
@@ -237,16 +244,30 @@ def test_two_points_train_at_once_each_on_its_own_core_and_stop_together(sweep_f
   names = ['growth_rate=4', 'growth_rate=6']
   proc = _start_sweep(config_arg, workdir, record, '--report=False')
   deadline = time.time() + 600
-  seen, together = {}, False
-  while time.time() < deadline and proc.poll() is None:   # Both past their first log step.
-    children = _train_children(proc.pid)
-    together |= len(children) == 2
-    for pid, allowed in children.items():
-      seen.setdefault(pid, set()).update(allowed)
-    progress = [records.read_json(workdir / n / 'progress.json') or {} for n in names]
-    if together and all(p.get('step', 0) >= 4 for p in progress):
-      break
-    time.sleep(0.5)
+  seen, together, paused = {}, False, set()
+  try:
+    while time.time() < deadline and proc.poll() is None:   # Both past their first log step.
+      children = _train_children(proc.pid)
+      together |= len(children) == 2
+      for pid, allowed in children.items():
+        seen.setdefault(pid, set()).update(allowed)
+      progress = {n: (records.read_json(workdir / n / 'progress.json') or {}).get('step', 0)
+                  for n in names}
+      if together and min(progress.values()) >= 4:
+        break
+      # A point that compiled first could finish all its steps while the other still compiles
+      # on a loaded machine: it waits, stopped, for the other (SIGCONT below, then SIGTERM).
+      for pid in set(children) - paused:
+        try:
+          if progress[_point_of(pid, names)] >= 4:
+            os.kill(pid, signal.SIGSTOP)
+            paused.add(pid)
+        except OSError:  # It ended meanwhile: the assertions below say how.
+          pass
+      time.sleep(0.2)
+  finally:
+    for pid in paused:
+      os.kill(pid, signal.SIGCONT)
   assert proc.poll() is None, proc.stdout.read()[-3000:]
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=300)
