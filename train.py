@@ -46,8 +46,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # The flags and the config file are read while parsing, before these imports: a mistake in
   # either is one line within a second or two, not after the seconds JAX and TensorFlow take.
+  from densenet_jax.runtime import buckets
   from densenet_jax.runtime import coordination
   from densenet_jax.runtime import distributed
+  from densenet_jax.runtime import run_guard
+  from densenet_jax.training import checkpointing
+  from densenet_jax.training import trainer
+  from densenet_jax.training import validation
   logging.get_absl_handler().addFilter(_OnlyOrbaxWarnings())
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _CONFIG.value.distributed)
@@ -55,33 +60,23 @@ def main(argv):
                os.environ.get('GLIBC_TUNABLES'))
   logging.info('Config:\n%s', _CONFIG.value)
   with coordination.leaving_together():  # A failing host stops the others at once.
-    _train()
-
-
-def _train():
-  from densenet_jax.runtime import buckets
-  from densenet_jax.runtime import coordination
-  from densenet_jax.runtime import run_guard
-  from densenet_jax.training import checkpointing
-  from densenet_jax.training import trainer
-  from densenet_jax.training import validation
-  try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (validation.ConfigError, run_guard.WorkdirInUseError) as e:
-    # A mistake in the config: the message names the field; a traceback would only bury it.
-    logging.error('%s', e)
-    sys.exit(f'Config error: {e}')
-  except buckets.BucketError as e:  # One line: the path and why its bucket cannot be used.
-    sys.exit(str(e))
-  except checkpointing.RestoreError as e:  # Checkpoints that cannot be read now; none moved.
-    logging.error('%s', e)
-    sys.exit(f'Restore error: {e}')
-  except coordination.PeerError as e:  # The processes differ or cannot follow process 0.
-    logging.error('%s', e)
-    sys.exit(f'Several hosts: {e}')
-  except FloatingPointError as e:  # The loss diverged; the message says what to change.
-    logging.error('%s', e)
-    sys.exit(f'Training stopped: {e}')
+    try:
+      trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (validation.ConfigError, run_guard.WorkdirInUseError) as e:
+      # A mistake in the config: the message names the field; a traceback would only bury it.
+      logging.error('%s', e)
+      sys.exit(f'Config error: {e}')
+    except buckets.BucketError as e:  # One line: the path and why its bucket cannot be used.
+      sys.exit(str(e))
+    except checkpointing.RestoreError as e:  # Checkpoints that cannot be read now; none moved.
+      logging.error('%s', e)
+      sys.exit(f'Restore error: {e}')
+    except coordination.PeerError as e:  # The processes differ or cannot follow process 0.
+      logging.error('%s', e)
+      sys.exit(f'Several hosts: {e}')
+    except FloatingPointError as e:  # The loss diverged; the message says what to change.
+      logging.error('%s', e)
+      sys.exit(f'Training stopped: {e}')
 
 
 if __name__ == '__main__':

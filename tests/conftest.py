@@ -121,9 +121,9 @@ def computed_once(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def uninterrupted(computed_once):
-  """The workdir of one uninterrupted train.py run of test_reliability's LONG
-  config on a local disk, trained once for the whole test run: the runs that are killed,
-  stopped, damaged or run on a bucket must end exactly as it does."""
+  """The workdir of one uninterrupted train.py run of test_reliability's LONG config on a local
+  disk, trained once for the whole test run: the runs that are killed, stopped, damaged or run
+  on a bucket must end exactly as it does."""
   def train(directory):
     from test_reliability import finish  # pylint: disable=g-import-not-at-top
     workdir = os.path.join(directory, 'run')

@@ -194,7 +194,7 @@ def run_slurm(sweep: plan.Sweep, *, cluster: Optional[str] = 'slurm', wait: bool
 
 
 def _run_point_checked(command: Sequence[str], point_dir: str,
-                       log_upload_seconds: float = 30.0) -> None:
+                       log_upload_seconds: float) -> None:
   """A job array task: one point's train.py (in every task of a multi-node job).
 
   The tasks of a multi-node point append to one local train.log on a shared file system; on
