@@ -70,15 +70,14 @@ def writing(workdir):
 
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
-  """Three kill -9s: two at random moments of training (a random step, then a random delay of
-  up to 0.3 s; fixed seed) and one in the middle of a checkpoint write. Every restart resumes
-  from the last complete checkpoint, and the run ends exactly as the uninterrupted one."""
+  """Two kill -9s: one at a random moment of training (a random step, then a random delay of
+  up to 0.3 s; fixed seed), then one of the resumed run in the middle of a checkpoint write.
+  Each restart resumes from the last complete checkpoint, and the run ends exactly as the
+  uninterrupted one."""
   reference = uninterrupted
   workdir = str(tmp_path / 'run')
   rng = random.Random(1234)
-  first = rng.randrange(4, 14)
-  kill_plans = [('after', first, rng.uniform(0, 0.3)), ('mid-write', None, None),
-                ('after', rng.randrange(first + 8, 34), rng.uniform(0, 0.3))]
+  kill_plans = [('after', rng.randrange(4, 14), rng.uniform(0, 0.3)), ('mid-write', None, None)]
   resumed_from = []
   for kind, step, delay in kill_plans:
     before = steps_in(workdir)
@@ -101,7 +100,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, uninterrupted):
   last = steps_in(workdir)[-1]
   text = finish(workdir)
   assert f'Restored checkpoint of step {last}' in text
-  assert len(set(resumed_from)) == 3  # Each kill left progress behind to resume from.
+  assert len(set(resumed_from)) == 2  # Each kill left progress behind to resume from.
   assert_same_run(reference, workdir)
 
 
