@@ -75,6 +75,10 @@ BAD_ARGUMENTS = {
         ['-m', 'densenet_jax.tools.convert', '--source={tmp}/densenet121.pth',
          '--model=densenet121', '--output={tmp}/out'],
         ['densenet121.pth: no such file']),
+    'convert-output-under-a-file': (
+        ['-m', 'densenet_jax.tools.convert', '--source={tmp}/densenet121.pth',
+         '--model=densenet121', '--output=/dev/null/converted'],
+        ['--output=/dev/null/converted: /dev/null is a file, not a directory']),
     'convert-unknown-model': (
         ['-m', 'densenet_jax.tools.convert', '--source={tmp}/densenet121.pth',
          '--model=densenet122', '--output={tmp}/out'],

@@ -311,15 +311,33 @@ _MODEL = flags.DEFINE_enum('model', 'densenet121', TORCH_MODELS, 'Architecture o
 _OUTPUT = flags.DEFINE_string('output', None, 'Directory to write the converted variables to.')
 
 
+def check_output(output: str) -> None:
+  """A local --output that cannot become a directory is refused before the source is read, and
+  without creating anything. (An object store's errors come from its own checks on writing.)"""
+  if paths.is_remote(output):
+    return
+  existing = os.path.abspath(output)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConversionError(f'--output={output}: {existing} is a file, not a directory.')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConversionError(f'--output={output}: {existing} is not writable.')
+
+
 def main(argv):
   if len(argv) > 1:   # A name without its flag would otherwise be ignored.
     raise SystemExit(f'convert: unexpected arguments {argv[1:]}: give --source=FILE, '
                      '--model=NAME and --output=DIR.')
   try:
+    check_output(_OUTPUT.value)
     variables, meta = convert(_SOURCE.value, _MODEL.value)
   except ConversionError as e:   # Names the file, key or shape; a traceback would bury it.
     raise SystemExit(f'convert: {e}') from None
-  save(variables, meta, _OUTPUT.value)
+  try:
+    save(variables, meta, _OUTPUT.value)
+  except OSError as e:   # A full disk, say: the one line says where and why.
+    raise SystemExit(f'convert: --output={_OUTPUT.value}: cannot write: {e}') from None
   print(f'Wrote {meta["model"]} ({meta["source"]}, {meta["num_classes"]} classes) to '
         f'{_OUTPUT.value}. Train or evaluate from it with --config.init_checkpoint='
         f'{paths.resolve(_OUTPUT.value)}' +
