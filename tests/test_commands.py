@@ -7,10 +7,9 @@ test_buckets.py), summary (test_summary.py), convert (test_convert.py), the swee
 print and --parallel launchers (test_sweep.py, test_sweep_store.py, test_parallel.py), the
 report (test_sweep_store.py) and ab.py (test_benchmarks.py). Every process costs seconds of
 imports (JAX; TensorFlow too for train.py and the sweep), so each bad argument here is one a
-user is likely to give and that takes its own path through the tool. benchmarks/memory.py and
-benchmarks/input_pipeline.py are only refused here, not run: their smallest runs take 20-30 s
-each on 2 cores (memory.py compiles two train steps of densenet40_k12, its smallest model), and
-test_benchmarks.py runs input_pipeline.py's data writer, measurement and table in-process.
+user is likely to give and that takes its own path through the tool.
+benchmarks/input_pipeline.py is only refused here, not run: its smallest run takes about 30 s on
+2 cores, and test_benchmarks.py runs its data writer, measurement and table in-process.
 """
 
 import json
@@ -175,6 +174,20 @@ def test_throughput_measures_the_smallest_case(tmp_path):
   assert row['jax']['compile_s'] > 0 and row['jax']['temp_mib'] > 0
   assert '| resnet110 | 2 | float32 | std-scan1 |' in table.read_text()
   assert table.read_text() in proc.stdout
+
+
+def test_memory_compiles_both_modes_of_the_smallest_model():
+  """docs/performance.md's memory.py at its smallest: both modes of densenet40_k12 compiled
+  (nothing run), one JSON row each, then their ratio. About 20 s on 2 cores."""
+  proc = succeeded('benchmarks/memory.py', '--model=densenet40_k12', '--batch_size=2',
+                   '--image_size=8')
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  assert [r['memory_efficient'] for r in rows] == [False, True], proc.stdout
+  for row in rows:
+    assert (row['model'], row['batch_size'], row['image_size']) == ('densenet40_k12', 2, 8)
+    assert row['compile_s'] > 0 and row['temp_mib'] > 0 and row['argument_mib'] > 0
+  ratio = rows[1]['temp_mib'] / rows[0]['temp_mib']
+  assert proc.stdout.rstrip().endswith(f'memory-efficient / standard temp: {ratio:.3f}')
 
 
 def test_devices_compares_device_counts(tmp_path):
