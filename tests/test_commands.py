@@ -178,7 +178,7 @@ def test_throughput_measures_the_smallest_case(tmp_path):
 
 def test_memory_compiles_both_modes_of_the_smallest_model():
   """docs/performance.md's memory.py at its smallest: both modes of densenet40_k12 compiled
-  (nothing run), one JSON row each, then their ratio. About 20 s on 2 cores."""
+  (nothing run), one JSON row each, then their ratio."""
   proc = succeeded('benchmarks/memory.py', '--model=densenet40_k12', '--batch_size=2',
                    '--image_size=8')
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]

@@ -186,8 +186,8 @@ def test_launcher_gives_each_running_point_its_own_devices(tmp_path, caplog, pla
 
 
 def _train_children(parent):
-  """{pid: {each thread's Cpus_allowed_list}} of `parent`'s train.py children, as /proc has
-  them now."""
+  """{pid: (its point: the last part of its --workdir, {each thread's Cpus_allowed_list})} of
+  `parent`'s train.py children, as /proc has them now."""
   found = {}
   for stat in glob.glob('/proc/[0-9]*/stat'):
     pid = int(stat.split('/')[2])
@@ -196,24 +196,19 @@ def _train_children(parent):
         if int(f.read().rsplit(')', 1)[1].split()[1]) != parent:
           continue
       with open(f'/proc/{pid}/cmdline', 'rb') as f:
-        if b'train.py' not in f.read():
-          continue
+        args = f.read().decode().split('\0')
+      if not any(a.endswith('train.py') for a in args):
+        continue
+      workdir = next(a for a in args if a.startswith('--workdir='))
       allowed = set()
       for status in glob.glob(f'/proc/{pid}/task/*/status'):
         with open(status) as f:
           allowed |= {line.split(':')[1].strip() for line in f
                       if line.startswith('Cpus_allowed_list:')}
-      found[pid] = allowed
-    except (OSError, IndexError, ValueError):  # It ended meanwhile.
+      found[pid] = os.path.basename(workdir), allowed
+    except (OSError, IndexError, ValueError, StopIteration):  # It ended meanwhile.
       continue
   return found
-
-
-def _point_of(pid, names):
-  """The point (of `names`) whose train.py process `pid` is, from its --workdir flag."""
-  with open(f'/proc/{pid}/cmdline', 'rb') as f:
-    workdir = next(a for a in f.read().decode().split('\0') if a.startswith('--workdir='))
-  return next(n for n in names if workdir.endswith(f'/{n}'))
 
 
 def _start_sweep(config_arg, workdir, record, *extra):
@@ -249,7 +244,7 @@ def test_two_points_train_at_once_each_on_its_own_core_and_stop_together(sweep_f
     while time.time() < deadline and proc.poll() is None:   # Both past their first log step.
       children = _train_children(proc.pid)
       together |= len(children) == 2
-      for pid, allowed in children.items():
+      for pid, (_, allowed) in children.items():
         seen.setdefault(pid, set()).update(allowed)
       progress = {n: (records.read_json(workdir / n / 'progress.json') or {}).get('step', 0)
                   for n in names}
@@ -257,13 +252,13 @@ def test_two_points_train_at_once_each_on_its_own_core_and_stop_together(sweep_f
         break
       # A point that compiled first could finish all its steps while the other still compiles
       # on a loaded machine: it waits, stopped, for the other (SIGCONT below, then SIGTERM).
-      for pid in set(children) - paused:
-        try:
-          if progress[_point_of(pid, names)] >= 4:
+      for pid, (name, _) in children.items():
+        if pid not in paused and progress[name] >= 4:
+          try:
             os.kill(pid, signal.SIGSTOP)
             paused.add(pid)
-        except OSError:  # It ended meanwhile: the assertions below say how.
-          pass
+          except OSError:  # It ended meanwhile: the assertions below say how.
+            pass
       time.sleep(0.2)
   finally:
     for pid in paused:
